@@ -1,0 +1,94 @@
+"""Default configuration: the diffusion encoder with a gaussian decoder on mnist5k.
+
+Every other config in this folder imports `get_config()` from here and changes a few fields.
+Any field can be overridden on the command line, e.g. `--config.em.langevin.num_steps=20`.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  # diffenc | diffenc_joint | vae | diffae | dmz
+  config.method = "diffenc"
+
+  # --- data -------------------------------------------------------------------------------
+  config.data = data = ml_collections.ConfigDict()
+  # mnist5k | digits | toy2d | idx | tfds
+  data.name = "mnist5k"
+  data.tfds_name = ""  # for name='tfds': mnist, fashion_mnist, cifar10, celeb_a
+  data.data_dir = ""  # for name='idx' (required) and name='tfds' (optional TFDS data_dir)
+  data.image_size = 0  # 0 keeps the dataset's own size; else resize to this (28, 32 or 64)
+  data.num_test = 0  # 0 uses the whole held-out split; else its first num_test examples
+
+  # --- model ------------------------------------------------------------------------------
+  config.model = model = ml_collections.ConfigDict()
+  model.latent_dim = 16
+  model.decoder = "gaussian"  # gaussian | diffusion
+  model.sigma_x = 0.1  # gaussian decoder's pixel std, images in [-1, 1]
+  # encoder (latent denoiser): conv trunk once per image, then a residual MLP over (z_t, t, h)
+  model.enc_channels = (32, 64)
+  model.enc_features = 256
+  model.enc_hidden = 256
+  model.enc_blocks = 3
+  # gaussian decoder
+  model.dec_channels = (64, 32)
+  # diffusion decoder (z-conditioned U-Net)
+  model.unet_channels = 32
+  model.unet_channel_mult = (1, 2)
+  model.unet_num_res_blocks = 1
+  model.unet_attn_resolutions = ()
+  model.unet_emb_dim = 128
+  model.unet_dropout = 0.0
+  model.unet_conditioning = "adagn"  # adagn | film | xattn
+
+  # --- diffusion schedules ----------------------------------------------------------------
+  config.schedule = ml_collections.ConfigDict(dict(name="cosine"))  # latent (encoder) schedule
+  config.image_schedule = ml_collections.ConfigDict(dict(name="cosine"))  # diffusion decoder
+
+  # --- encoder sampler: z⁰ ~ q_φ(·|x) by latent DDIM ---------------------------------------
+  config.encoder_sampler = sampler = ml_collections.ConfigDict()
+  sampler.num_steps = 20
+  sampler.eta = 1.0  # 0 = deterministic DDIM, 1 = ancestral (DDPM-like)
+  sampler.clip = 5.0  # predicted z_0 clipped to ±clip
+
+  # --- EM ---------------------------------------------------------------------------------
+  config.em = em = ml_collections.ConfigDict()
+  em.beta = 1.0  # posterior temperature: p(z) p(x|z)^(1/β)
+  em.align_weight = 1.0  # λ_align: decoder loss on the encoder's own z⁰
+  em.e_updates = 1  # E updates per round
+  em.m_updates = 1  # M updates per round
+  em.encoder_inner_steps = 8  # encoder denoising updates per E-step on the same (x, z^K)
+  em.prox_weight = 0.0  # λ_prox: ½ λ_prox ‖z − z⁰‖² added to U
+  em.langevin = langevin = ml_collections.ConfigDict()
+  langevin.num_steps = 10
+  langevin.step_rule = "gauss_newton"  # fixed | snr | gauss_newton
+  langevin.step_size = 0.5
+  langevin.max_move = 0.0  # fixed rule: per-example cap on the move's norm (0 = none)
+  langevin.snr = 0.16  # snr rule's r
+  langevin.mala = False
+  langevin.mc_samples = 1  # diffusion decoder: (t, ε) draws per ∇U estimate
+  em.eval_refine_steps = 10  # Langevin steps from z⁰ at evaluation time
+
+  # --- optimisation -----------------------------------------------------------------------
+  config.train = train = ml_collections.ConfigDict()
+  train.batch_size = 128
+  train.num_steps = 2000
+  train.enc_lr = 1e-3
+  train.dec_lr = 1e-3
+  train.warmup_steps = 100
+  train.grad_clip = 1.0
+  train.ema_decay = 0.999
+  train.log_every = 50
+  train.eval_every = 500
+  train.checkpoint_every = 500
+  train.keep_checkpoints = 3
+  train.mode = "train"  # train | eval | reconstruct | sample | encode
+
+  # --- evaluation -------------------------------------------------------------------------
+  config.eval = ev = ml_collections.ConfigDict()
+  ev.batch_size = 250
+  ev.rate_samples = 8
+  ev.num_images = 64  # images in PNG grids
+  return config

@@ -1,0 +1,18 @@
+"""Flax Linen networks: the latent denoiser (diffusion encoder), decoders, baseline encoders."""
+
+from diffenc_jax.models.decoders import GaussianDecoder, UNetDecoder
+from diffenc_jax.models.encoders import (BernoulliEncoder, DeterministicEncoder, GaussianEncoder,
+                                         ResNetEncoder, hard_bernoulli, relaxed_bernoulli)
+from diffenc_jax.models.latent_denoiser import LatentDenoiser
+
+__all__ = [
+    "BernoulliEncoder",
+    "DeterministicEncoder",
+    "GaussianDecoder",
+    "GaussianEncoder",
+    "LatentDenoiser",
+    "ResNetEncoder",
+    "UNetDecoder",
+    "hard_bernoulli",
+    "relaxed_bernoulli",
+]

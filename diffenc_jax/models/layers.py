@@ -1,0 +1,179 @@
+"""Layers shared by every model: time embeddings, res blocks, attention, trunks.
+
+Conventions: images are NHWC, (B, H, W, C); vectors are (B, D); times t ∈ [0, 1] are (B,).
+There is no BatchNorm anywhere (GroupNorm / LayerNorm only), so every example is processed
+independently: per-example Jacobians and 1-vs-N-device results do not depend on the batch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+zeros_init = nn.initializers.zeros
+
+
+def group_norm(channels: int, name: str | None = None) -> nn.GroupNorm:
+  """GroupNorm with up to 32 groups, the largest count that divides `channels`."""
+  return nn.GroupNorm(num_groups=math.gcd(32, channels), name=name)
+
+
+def sinusoidal_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+  """Transformer-style sinusoidal features of continuous time: t (B,) ∈ [0, 1] → (B, dim).
+
+  t is scaled by 1000 first, so the frequencies match those of a 1000-step discrete model.
+  """
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = 1000.0 * jnp.asarray(t, jnp.float32)[:, None] * freqs[None, :]
+  emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+  return jnp.pad(emb, ((0, 0), (0, dim - 2 * half)))
+
+
+class TimeEmbedding(nn.Module):
+  """MLP time embedding: t (B,) → sinusoidal (B, dim) → Dense → SiLU → Dense → (B, dim)."""
+
+  dim: int
+
+  @nn.compact
+  def __call__(self, t):
+    h = nn.Dense(self.dim)(sinusoidal_embedding(t, self.dim))
+    return nn.Dense(self.dim)(nn.silu(h))
+
+
+def modulate(h: jax.Array, emb: jax.Array, name: str | None = None) -> jax.Array:
+  """AdaGN / FiLM: h * (1 + s) + b, (s, b) = Dense(SiLU(emb)); emb (B, E), h (B, ..., C)."""
+  s, b = jnp.split(nn.Dense(2 * h.shape[-1], name=name)(nn.silu(emb)), 2, axis=-1)
+  shape = (h.shape[0],) + (1,) * (h.ndim - 2) + (h.shape[-1],)
+  return h * (1.0 + s.reshape(shape)) + b.reshape(shape)
+
+
+class ResBlock(nn.Module):
+  """Conv residual block: (B, H, W, Cin) → (B, H, W, out_channels).
+
+  GN → SiLU → conv → GN → [modulation] → SiLU → dropout → conv, plus a (1×1 conv) skip.
+  Modulation: `emb` (B, E) gives GN(h)*(1+s)+b (AdaGN); a second embedding `cond` (B, E')
+  modulates the result again, h*(1+s_z)+b_z (FiLM with separate time and z paths).
+  Dropout draws from the 'dropout' rng when train=True.
+  """
+
+  out_channels: int
+  dropout: float = 0.0
+
+  @nn.compact
+  def __call__(self, x, emb=None, cond=None, train: bool = False):
+    h = nn.Conv(self.out_channels, (3, 3))(nn.silu(group_norm(x.shape[-1])(x)))
+    h = group_norm(self.out_channels)(h)
+    if emb is not None:
+      h = modulate(h, emb, name="emb_mod")
+    if cond is not None:
+      h = modulate(h, cond, name="cond_mod")
+    h = nn.Dropout(self.dropout)(nn.silu(h), deterministic=not train)
+    h = nn.Conv(self.out_channels, (3, 3))(h)
+    if x.shape[-1] != self.out_channels:
+      x = nn.Conv(self.out_channels, (1, 1), name="skip")(x)
+    return x + h
+
+
+class AttentionBlock(nn.Module):
+  """Residual multi-head attention over the H·W positions: (B, H, W, C) → (B, H, W, C).
+
+  Self-attention when `context` is None; otherwise cross-attention from every position to
+  the context tokens (B, T, E). With a single token (T = 1) the softmax weight is 1, so each
+  position receives the same projected token: the DMZ way of injecting z.
+  """
+
+  num_heads: int = 1
+
+  @nn.compact
+  def __call__(self, x, context=None):
+    b, hh, ww, c = x.shape
+    q = group_norm(c)(x).reshape(b, hh * ww, c)
+    kv = q if context is None else context
+    out = nn.MultiHeadDotProductAttention(
+        num_heads=self.num_heads, qkv_features=c, out_features=c)(q, kv, kv)
+    return x + out.reshape(b, hh, ww, c)
+
+
+class Downsample(nn.Module):
+  """Stride-2 3×3 conv: (B, H, W, C) → (B, ⌈H/2⌉, ⌈W/2⌉, C)."""
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.Conv(x.shape[-1], (3, 3), strides=(2, 2))(x)
+
+
+class Upsample(nn.Module):
+  """Nearest resize to an exact (H', W') then 3×3 conv: (B, H, W, C) → (B, H', W', C).
+
+  Resizing to the skip connection's size (not blindly ×2) makes 7 → 14 → 28 and any odd
+  size round trip exactly.
+  """
+
+  @nn.compact
+  def __call__(self, x, size: Sequence[int]):
+    b, _, _, c = x.shape
+    x = jax.image.resize(x, (b, size[0], size[1], c), method="nearest")
+    return nn.Conv(c, (3, 3))(x)
+
+
+class ConvTrunk(nn.Module):
+  """Feature extractor shared by all encoders: x → h (B, features), ending in SiLU.
+
+  Images (B, H, W, C): per entry of `channels`, a stride-2 3×3 conv → GroupNorm → SiLU;
+  then flatten → Dense(features). Vectors (B, D): an MLP with len(channels) hidden layers
+  of width `features` (the branch is chosen by x.ndim).
+  """
+
+  channels: Sequence[int] = (32, 64)
+  features: int = 256
+
+  @nn.compact
+  def __call__(self, x):
+    if x.ndim == 2:
+      h = x
+      for _ in self.channels:
+        h = nn.silu(nn.Dense(self.features)(h))
+    elif x.ndim == 4:
+      h = x
+      for c in self.channels:
+        h = nn.silu(group_norm(c)(nn.Conv(c, (3, 3), strides=(2, 2))(h)))
+      h = h.reshape(h.shape[0], -1)
+    else:
+      raise ValueError(f"ConvTrunk expects (B, D) or (B, H, W, C) input, got {x.shape}")
+    return nn.silu(nn.Dense(self.features)(h))
+
+
+class ResMLPBlock(nn.Module):
+  """Residual MLP block: x (B, W) + [LN → FiLM(cond) → SiLU → Dense → SiLU → Dense](x)."""
+
+  @nn.compact
+  def __call__(self, x, cond):
+    w = x.shape[-1]
+    h = nn.silu(modulate(nn.LayerNorm()(x), cond))
+    h = nn.Dense(w)(nn.silu(nn.Dense(w)(h)))
+    return x + h
+
+
+class ResidualMLP(nn.Module):
+  """Conditional residual MLP: x (B, D_in), cond (B, E) → (B, out_dim).
+
+  Dense(hidden) → num_blocks × ResMLPBlock → LN → SiLU → Dense(out_dim), the last Dense
+  zero-initialised so that the untrained network outputs exactly 0.
+  """
+
+  hidden: int = 256
+  num_blocks: int = 3
+  out_dim: int = 1
+
+  @nn.compact
+  def __call__(self, x, cond):
+    h = nn.Dense(self.hidden)(x)
+    for _ in range(self.num_blocks):
+      h = ResMLPBlock()(h, cond)
+    h = nn.silu(nn.LayerNorm()(h))
+    return nn.Dense(self.out_dim, kernel_init=zeros_init, name="out")(h)

@@ -1,0 +1,144 @@
+"""Samplers against closed forms: DDIM on a Gaussian target, Langevin on a linear-Gaussian
+posterior (ULA's own analytic stationary law, MALA's exactness, Gauss-Newton), and memory."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffenc_jax import samplers, schedules
+from tests.test_losses import gaussian_eps
+
+SCHED = schedules.CosineSchedule()
+
+
+def assert_moments(samples, mean, cov, n_se=4.5):
+  """Sample mean and covariance equal (mean, cov) within n_se Monte-Carlo standard errors."""
+  n = samples.shape[0]
+  samples = np.asarray(samples, np.float64)
+  mean_se = np.sqrt(np.diag(cov) / n)
+  np.testing.assert_array_less(np.abs(samples.mean(0) - mean), n_se * mean_se)
+  cov_se = np.sqrt((np.outer(np.diag(cov), np.diag(cov)) + cov**2) / n)
+  np.testing.assert_array_less(np.abs(np.cov(samples.T) - cov), n_se * cov_se)
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_latent_ddim_reproduces_gaussian_target(eta):
+  n = 20_000
+  mean = jnp.array([0.5, -1.0, 2.0])
+  std = jnp.array([0.3, 1.0, 0.6])
+  z = jax.jit(lambda k: samplers.latent_ddim(gaussian_eps(mean, std, SCHED), k, (n, 3), SCHED,
+                                             num_steps=1000, eta=eta))(jax.random.key(0))
+  assert_moments(z, np.asarray(mean), np.diag(np.asarray(std) ** 2))
+
+
+def test_latent_ddim_images_and_clip():
+  shape = (8, 4, 4, 1)
+  big_eps = lambda x, t: -1e3 * jnp.ones_like(x)  # a wild network: x̂_0 would explode
+  x = samplers.latent_ddim(big_eps, jax.random.key(0), shape, SCHED, num_steps=5, clip=2.0)
+  assert x.shape == shape
+  assert float(jnp.abs(x).max()) <= 2.0 + 1e-5
+
+
+def linear_gaussian(beta, d=3, obs=6, s=0.5, seed=0):
+  """p(x|z) = N(Az, s² I), p(z) = N(0, I): log density, exact tempered posterior and Hessian."""
+  ka, kx = jax.random.split(jax.random.key(seed))
+  a = jax.random.normal(ka, (obs, d)) / np.sqrt(obs)
+  x = jax.random.normal(kx, (obs,))
+  prec = np.eye(d) + np.asarray(a.T @ a) / (s**2 * beta)
+  cov = np.linalg.inv(prec)
+  mean = cov @ np.asarray(a.T @ x) / (s**2 * beta)
+
+  def log_density(z):
+    return -0.5 * jnp.sum(z**2, -1) - jnp.sum((x - z @ a.T) ** 2, -1) / (2 * s**2 * beta)
+
+  return log_density, mean, cov, prec, (a, s)
+
+
+N_CHAINS = 4000
+
+
+def run(log_density, key, num_steps, **kw):
+  z_init = jax.random.normal(jax.random.key(123), (N_CHAINS, 3)) * 2.0
+  fn = jax.jit(lambda k: samplers.langevin_posterior(log_density, z_init, k,
+                                                     num_steps=num_steps, **kw))
+  return fn(key)
+
+
+@pytest.mark.parametrize("beta", [1.0, 4.0])
+def test_ula_small_step_matches_tempered_posterior(beta):
+  log_density, mean, cov, prec, _ = linear_gaussian(beta)
+  eta = 0.01
+  z, info = run(log_density, jax.random.key(1), 1500, step_size=eta)
+  # ULA on a Gaussian has the exact stationary law N(mean, P⁻¹ (I − ηP/2)⁻¹): a sharp check
+  ula_cov = cov @ np.linalg.inv(np.eye(3) - eta * prec / 2)
+  assert_moments(z, mean, ula_cov)
+  # which, at this small step, is the tempered posterior within Monte-Carlo error
+  assert_moments(z, mean, cov)
+  assert float(info.accept_rate) == 1.0
+  np.testing.assert_allclose(info.log_density, log_density(z), rtol=1e-5)
+
+
+@pytest.mark.parametrize("beta", [1.0, 4.0])
+def test_mala_is_exact_at_large_step(beta):
+  log_density, mean, cov, prec, _ = linear_gaussian(beta)
+  eta = 0.4 / np.linalg.eigvalsh(prec).max()  # ULA's covariance would be ≥ 25% off here
+  z, info = run(log_density, jax.random.key(2), 600, step_size=eta, mala=True)
+  assert 0.3 < float(info.accept_rate) < 0.999
+  assert_moments(z, mean, cov)
+
+
+def test_gauss_newton_mala_exact_and_ula_analytic():
+  log_density, mean, cov, prec, (a, s) = linear_gaussian(1.0)
+  precision_fn = samplers.gauss_newton_precision(lambda z: z @ a.T, sigma=s, beta=1.0)
+  np.testing.assert_allclose(precision_fn(jnp.zeros((2, 3)))[0], prec, rtol=1e-5)
+  z, info = run(log_density, jax.random.key(3), 60, step_size=0.5, step_rule="gauss_newton",
+                precision_fn=precision_fn, mala=True)
+  assert_moments(z, mean, cov)
+  # without MALA, preconditioned ULA with the exact Hessian has covariance 2/(2 − η) · P⁻¹
+  z, info = run(log_density, jax.random.key(4), 60, step_size=0.5, step_rule="gauss_newton",
+                precision_fn=precision_fn)
+  assert_moments(z, mean, cov * 2 / 1.5)
+
+
+def test_fixed_cap_and_snr_rules():
+  log_density, mean, cov, prec, _ = linear_gaussian(1.0)
+  z, info = run(log_density, jax.random.key(5), 20, step_size=0.05, max_move=0.1)
+  assert float(info.move_norm) <= 0.1 + 1e-6
+  z, info = run(log_density, jax.random.key(6), 20, step_size=0.0, step_rule="snr", snr=0.16)
+  # η = 2 (r‖ξ‖/‖∇‖)²: the mean step size is what the rule says at the chains' gradients
+  assert float(info.step_size) > 0
+  with pytest.raises(ValueError, match="unknown step rule"):
+    run(log_density, jax.random.key(0), 2, step_size=0.1, step_rule="hmc")
+  with pytest.raises(ValueError, match="mala needs"):
+    run(log_density, jax.random.key(0), 2, step_size=0.1, step_rule="snr", mala=True)
+
+
+def test_no_gradient_through_chain():
+  log_density, *_ = linear_gaussian(1.0)
+
+  def f(z0):
+    z, _ = samplers.langevin_posterior(log_density, z0, jax.random.key(0), num_steps=3,
+                                       step_size=0.1)
+    return jnp.sum(z)
+
+  g = jax.grad(f)(jnp.ones((4, 3)))
+  np.testing.assert_array_equal(g, 0.0)
+
+
+def test_langevin_memory_does_not_grow_with_steps():
+  mlp = jax.random.normal(jax.random.key(0), (16, 784)) * 0.1
+
+  def log_density(z):
+    mean = jnp.tanh(z @ mlp)
+    return -0.5 * jnp.sum(z**2, -1) - 50.0 * jnp.sum((mean - 0.1) ** 2, -1)
+
+  def temp_bytes(num_steps):
+    fn = jax.jit(lambda z, k: samplers.langevin_posterior(log_density, z, k,
+                                                          num_steps=num_steps, step_size=1e-3))
+    compiled = fn.lower(jnp.zeros((128, 16)), jax.random.key(0)).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+  small, large = temp_bytes(10), temp_bytes(1000)
+  # keeping the chain (K × 128 × 16 floats) would add 8 MB; the sampler keeps nothing per step
+  assert large <= small + 1024, (small, large)
