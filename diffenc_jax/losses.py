@@ -21,7 +21,7 @@ from diffenc_jax.schedules import Schedule
 Array = jax.Array
 EpsFn = Callable[[Array, Array], Array]
 
-WEIGHTINGS = ("unit", "vlb")
+WEIGHTINGS = ("unit", "vlb", "x0", "v")
 
 
 def _sum_per_example(x: Array) -> Array:
@@ -64,8 +64,10 @@ def denoising_loss(
     x0: clean data, latents (B, d) or images (B, H, W, C).
     key: PRNG key for t and ε.
     schedule: the noise schedule.
-    weighting: 'unit' (plain ε-MSE, the usual DDPM objective) or 'vlb' (multiplied by
-      −λ'(t)/2, so that its expectation is the diffusion term of the continuous-time ELBO).
+    weighting: the weight w(t) on the ε-MSE: 'unit' (plain ε-MSE, the usual DDPM objective),
+      'vlb' (−λ'(t)/2: its expectation is the diffusion term of the continuous-time ELBO),
+      'x0' (e^{−λ} = σ²/α²: the MSE of the implied x̂_0 = (x_t − σ ε̂)/α), or 'v'
+      (1/α² = 1 + e^{−λ}: the MSE of the implied v̂, as in v-prediction).
     input_perturbation: DDPM-IP's γ: the network sees α_t x_0 + σ_t (ε + γ ξ) but must still
       predict ε (0 disables it).
     t: optional times (B,) in [0, 1]; drawn uniformly when None.
@@ -84,6 +86,10 @@ def denoising_loss(
   loss = _sum_per_example(jnp.square(eps - eps_fn(x_t, t)))
   if weighting == "vlb":
     loss = -0.5 * schedule.dlog_snr_dt(t) * loss
+  elif weighting == "x0":
+    loss = jnp.exp(-schedule.log_snr(t)) * loss
+  elif weighting == "v":
+    loss = (1.0 + jnp.exp(-schedule.log_snr(t))) * loss
   return loss
 
 

@@ -120,6 +120,7 @@ def langevin_posterior(
     snr: float = 0.16,
     mala: bool = False,
     precision_fn: Callable[[Array], Array] | None = None,
+    refresh_precision: bool = True,
 ) -> tuple[Array, LangevinInfo]:
   """Langevin dynamics on an unnormalised per-example log density, as one `lax.scan`.
 
@@ -129,7 +130,9 @@ def langevin_posterior(
     - 'snr': score_sde's rule, η = 2 (r ‖ξ‖ / ‖∇log π‖)² per example, r = `snr`;
     - 'gauss_newton': preconditioned, z ← z + η H⁻¹ ∇log π + √(2η) H^{−½} ξ with
       H = precision_fn(z) (B, d, d), e.g. from `gauss_newton_precision`. With a constant exact
-      Hessian and η = 1 the drift jumps straight to the mode.
+      Hessian and η = 1 the drift jumps straight to the mode. refresh_precision=False
+      computes H once at z_init and keeps it for the whole chain: a constant preconditioner,
+      still a valid (MALA: exact) sampler, at the cost of one H instead of one per step.
   mala=True adds the Metropolis-Hastings correction ('fixed' without max_move, or
   'gauss_newton', whose position-dependent proposal density is accounted for), making π
   exactly invariant.
@@ -162,13 +165,13 @@ def langevin_posterior(
     (_, lp), g = jax.value_and_grad(total, has_aux=True)(z)
     return lp, g
 
-  def evaluate(z):
-    """Everything the proposal needs at z: log π, its gradient, and the Cholesky of H."""
+  def evaluate(z, chol=None):
+    """Everything the proposal needs at z: log π, its gradient, and the Cholesky of H
+    (recomputed unless a constant one is passed)."""
     lp, g = logp_and_grad(z)
-    if precond:
-      chol = jnp.linalg.cholesky(precision_fn(z))
-    else:
-      chol = jnp.broadcast_to(jnp.eye(d, dtype=z.dtype), (b, d, d))
+    if chol is None:
+      chol = (jnp.linalg.cholesky(precision_fn(z)) if precond
+              else jnp.broadcast_to(jnp.eye(d, dtype=z.dtype), (b, d, d)))
     return lp, g, chol
 
   def drift(g, chol):
@@ -203,7 +206,7 @@ def langevin_posterior(
       norm = jnp.linalg.norm(move, axis=-1, keepdims=True)
       move = move * jnp.minimum(1.0, max_move / (norm + 1e-12))
     z_new = z + move
-    lp_new, g_new, chol_new = evaluate(z_new)
+    lp_new, g_new, chol_new = evaluate(z_new, None if precond and refresh_precision else chol)
     if mala:
       log_ratio = (lp_new - lp + log_proposal(z, z_new, g_new, chol_new, eta)
                    - log_proposal(z_new, z, g, chol, eta))

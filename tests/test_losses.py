@@ -25,7 +25,7 @@ def gaussian_eps(mean, std, schedule):
 
 
 @pytest.mark.parametrize("shape", [(4,), (3, 3, 2)])
-@pytest.mark.parametrize("weighting", ["unit", "vlb"])
+@pytest.mark.parametrize("weighting", ["unit", "vlb", "x0"])
 def test_denoising_loss_at_optimum_is_mmse(shape, weighting):
   n, mean, std = 40_000, 0.3, 0.7
   x0 = mean + std * jax.random.normal(jax.random.key(0), (n,) + shape)
@@ -37,7 +37,8 @@ def test_denoising_loss_at_optimum_is_mmse(shape, weighting):
     assert loss.shape == (n,)
     alpha, sigma = SCHED.alpha_sigma(t_val)
     per_dim = alpha**2 * std**2 / (alpha**2 * std**2 + sigma**2)  # analytic MMSE of ε
-    weight = -0.5 * SCHED.dlog_snr_dt(t_val) if weighting == "vlb" else 1.0
+    weight = {"unit": 1.0, "vlb": -0.5 * SCHED.dlog_snr_dt(t_val),
+              "x0": sigma**2 / alpha**2}[weighting]
     expected = weight * d * per_dim
     stderr = weight * math.sqrt(2 * d) * per_dim / math.sqrt(n)  # sum of d scaled χ²_1
     assert abs(float(loss.mean()) - float(expected)) < 4 * float(stderr)

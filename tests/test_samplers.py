@@ -99,6 +99,10 @@ def test_gauss_newton_mala_exact_and_ula_analytic():
   z, info = run(log_density, jax.random.key(4), 60, step_size=0.5, step_rule="gauss_newton",
                 precision_fn=precision_fn)
   assert_moments(z, mean, cov * 2 / 1.5)
+  # a constant preconditioner (computed once) is exact here too: H does not depend on z
+  z, info = run(log_density, jax.random.key(5), 60, step_size=0.5, step_rule="gauss_newton",
+                precision_fn=precision_fn, refresh_precision=False, mala=True)
+  assert_moments(z, mean, cov)
 
 
 def test_fixed_cap_and_snr_rules():
@@ -142,3 +146,34 @@ def test_langevin_memory_does_not_grow_with_steps():
   small, large = temp_bytes(10), temp_bytes(1000)
   # keeping the chain (K × 128 × 16 floats) would add 8 MB; the sampler keeps nothing per step
   assert large <= small + 1024, (small, large)
+
+
+@pytest.mark.parametrize("refresh", [True, False])
+def test_gauss_newton_mala_exact_on_nonlinear_decoder(refresh):
+  """A position-dependent preconditioner: MALA must account for H(z) and H(z') to stay exact.
+  Moments are checked against quadrature of the 2-D posterior on a fine grid."""
+  s = 0.3
+
+  def mean_fn(z):
+    z1, z2 = z[:, 0], z[:, 1]
+    return jnp.stack([jnp.tanh(z1) + 0.2 * z2**2, z2 + 0.3 * z1**2, 0.5 * z1 * z2], -1)
+
+  x = mean_fn(jnp.array([[0.5, -0.3]]))[0] + jnp.array([0.1, -0.1, 0.05])
+
+  def log_density(z):
+    return -0.5 * jnp.sum(z**2, -1) - jnp.sum((x - mean_fn(z)) ** 2, -1) / (2 * s**2)
+
+  g = np.linspace(-4, 4, 801)
+  grid = np.stack(np.meshgrid(g, g, indexing="ij"), -1).reshape(-1, 2)
+  w = np.exp(np.asarray(log_density(jnp.asarray(grid)), np.float64))
+  w /= w.sum()
+  mean = w @ grid
+  cov = (grid - mean).T @ ((grid - mean) * w[:, None])
+
+  precision_fn = samplers.gauss_newton_precision(mean_fn, sigma=s)
+  z_init = jax.random.normal(jax.random.key(1), (N_CHAINS, 2))
+  z, info = jax.jit(lambda k: samplers.langevin_posterior(
+      log_density, z_init, k, num_steps=300, step_size=0.5, step_rule="gauss_newton",
+      precision_fn=precision_fn, refresh_precision=refresh, mala=True))(jax.random.key(7))
+  assert 0.2 < float(info.accept_rate) < 0.999
+  assert_moments(z, mean, cov)
