@@ -32,8 +32,12 @@ def get_config() -> ml_collections.ConfigDict:
   model.enc_features = 256
   model.enc_hidden = 256
   model.enc_blocks = 3
+  model.enc_parameterization = "x0"  # eps | x0 | v: what the latent denoiser outputs
+  model.enc_weighting = "x0"  # unit | vlb | x0 | v: w(t) of the encoder's denoising loss
   # gaussian decoder
-  model.dec_channels = (64, 32)
+  model.dec_arch = "mlp"  # mlp | conv
+  model.dec_hidden = (512, 512)  # mlp
+  model.dec_channels = (64, 32)  # conv
   # diffusion decoder (z-conditioned U-Net)
   model.unet_channels = 32
   model.unet_channel_mult = (1, 2)
@@ -59,7 +63,8 @@ def get_config() -> ml_collections.ConfigDict:
   em.align_weight = 1.0  # λ_align: decoder loss on the encoder's own z⁰
   em.e_updates = 1  # E updates per round
   em.m_updates = 1  # M updates per round
-  em.encoder_inner_steps = 8  # encoder denoising updates per E-step on the same (x, z^K)
+  em.encoder_inner_steps = 1  # encoder denoising updates per E-step on the same (x, z^K)
+  em.encoder_noise_draws = 8  # (t, ε) draws per (x, z^K) pair in each encoder update
   em.prox_weight = 0.0  # λ_prox: ½ λ_prox ‖z − z⁰‖² added to U
   em.langevin = langevin = ml_collections.ConfigDict()
   langevin.num_steps = 10
@@ -68,6 +73,7 @@ def get_config() -> ml_collections.ConfigDict:
   langevin.max_move = 0.0  # fixed rule: per-example cap on the move's norm (0 = none)
   langevin.snr = 0.16  # snr rule's r
   langevin.mala = False
+  langevin.refresh_precision = False  # gauss_newton: recompute H every step (else once at z⁰)
   langevin.mc_samples = 1  # diffusion decoder: (t, ε) draws per ∇U estimate
   em.eval_refine_steps = 10  # Langevin steps from z⁰ at evaluation time
 
@@ -91,4 +97,6 @@ def get_config() -> ml_collections.ConfigDict:
   ev.batch_size = 250
   ev.rate_samples = 8
   ev.num_images = 64  # images in PNG grids
+  ev.use_ema = False  # evaluate the EMA parameters instead of the raw ones
+  ev.decoder_steps = 50  # diffusion decoder: image DDIM steps when decoding
   return config

@@ -165,30 +165,40 @@ def langevin_posterior(
     (_, lp), g = jax.value_and_grad(total, has_aux=True)(z)
     return lp, g
 
-  def evaluate(z, chol=None):
-    """Everything the proposal needs at z: log π, its gradient, and the Cholesky of H
-    (recomputed unless a constant one is passed)."""
+  def factor(z):
+    """(H, L⁻¹) with H = L Lᵀ = precision_fn(z): one Cholesky and one triangular inverse,
+    after which every use below is a batched mat-vec."""
+    h = precision_fn(z)
+    eye = jnp.broadcast_to(jnp.eye(d, dtype=z.dtype), h.shape)
+    linv = jax.scipy.linalg.solve_triangular(jnp.linalg.cholesky(h), eye, lower=True)
+    return h, linv
+
+  def evaluate(z, pre):
+    """Everything the proposal needs at z: log π, its gradient, and the preconditioner
+    (recomputed when refreshing, else the constant one passed in)."""
     lp, g = logp_and_grad(z)
-    if chol is None:
-      chol = (jnp.linalg.cholesky(precision_fn(z)) if precond
-              else jnp.broadcast_to(jnp.eye(d, dtype=z.dtype), (b, d, d)))
-    return lp, g, chol
+    if precond and (pre is None or refresh_precision):
+      pre = factor(z)
+    return lp, g, pre
 
-  def drift(g, chol):
-    """H⁻¹ g per example (g itself when not preconditioned)."""
-    if not precond:
+  def drift(g, pre):
+    """H⁻¹ g = L⁻ᵀ L⁻¹ g per example (g itself when not preconditioned)."""
+    if pre is None:
       return g
-    return jax.scipy.linalg.cho_solve((chol, True), g[..., None])[..., 0]
+    linv = pre[1]
+    return jnp.einsum("bji,bj->bi", linv, jnp.einsum("bij,bj->bi", linv, g))
 
-  def log_proposal(z_to, z_from, g_from, chol_from, eta):
+  def log_proposal(z_to, z_from, g_from, pre_from, eta):
     """log N(z_to; z_from + η H⁻¹ g, 2η H⁻¹) up to a constant shared by both directions."""
-    diff = z_to - z_from - eta[:, None] * drift(g_from, chol_from)
-    hdiff = jnp.einsum("bji,bj->bi", chol_from, diff) if precond else diff  # Lᵀ diff
-    logdet = jnp.sum(jnp.log(jnp.diagonal(chol_from, axis1=-2, axis2=-1)), -1)  # ½ log|H|
-    return -jnp.sum(jnp.square(hdiff), -1) / (4.0 * eta) + logdet
+    diff = z_to - z_from - eta[:, None] * drift(g_from, pre_from)
+    if pre_from is None:
+      return -jnp.sum(jnp.square(diff), -1) / (4.0 * eta)
+    h, linv = pre_from
+    half_logdet = -jnp.sum(jnp.log(jnp.diagonal(linv, axis1=-2, axis2=-1)), -1)  # ½ log|H|
+    return -jnp.einsum("bi,bij,bj->b", diff, h, diff) / (4.0 * eta) + half_logdet
 
   def step(carry, _):
-    (z, lp, g, chol), sums, i = carry
+    (z, lp, g, pre), sums, i = carry
     k_noise, k_accept = jax.random.split(jax.random.fold_in(key, i))
     xi = jax.random.normal(k_noise, z.shape, z.dtype)
     if step_rule == "snr":
@@ -196,34 +206,31 @@ def langevin_posterior(
       eta = 2.0 * jnp.square(snr * ratio)
     else:
       eta = jnp.full((b,), step_size, z.dtype)
-    if precond:  # H^{−½} ξ with H = L Lᵀ: solve Lᵀ u = ξ, so Cov u = H⁻¹
-      noise = jax.scipy.linalg.solve_triangular(
-          jnp.swapaxes(chol, -1, -2), xi[..., None], lower=False)[..., 0]
-    else:
-      noise = xi
-    move = eta[:, None] * drift(g, chol) + jnp.sqrt(2.0 * eta)[:, None] * noise
+    # H^{−½} ξ as L⁻ᵀ ξ: its covariance is L⁻ᵀ L⁻¹ = H⁻¹
+    noise = xi if pre is None else jnp.einsum("bji,bj->bi", pre[1], xi)
+    move = eta[:, None] * drift(g, pre) + jnp.sqrt(2.0 * eta)[:, None] * noise
     if max_move > 0:
       norm = jnp.linalg.norm(move, axis=-1, keepdims=True)
       move = move * jnp.minimum(1.0, max_move / (norm + 1e-12))
     z_new = z + move
-    lp_new, g_new, chol_new = evaluate(z_new, None if precond and refresh_precision else chol)
+    lp_new, g_new, pre_new = evaluate(z_new, pre)
     if mala:
-      log_ratio = (lp_new - lp + log_proposal(z, z_new, g_new, chol_new, eta)
-                   - log_proposal(z_new, z, g, chol, eta))
+      log_ratio = (lp_new - lp + log_proposal(z, z_new, g_new, pre_new, eta)
+                   - log_proposal(z_new, z, g, pre, eta))
       accept_prob = jnp.exp(jnp.minimum(log_ratio, 0.0))
       accept_prob = jnp.where(jnp.isfinite(accept_prob), accept_prob, 0.0)
       accept = jax.random.uniform(k_accept, (b,)) < accept_prob
       pick = lambda new, old: jnp.where(_bcast(accept, new), new, old)
-      z_new, lp_new, g_new, chol_new = (pick(z_new, z), pick(lp_new, lp), pick(g_new, g),
-                                        pick(chol_new, chol))
+      z_new, lp_new, g_new, pre_new = jax.tree.map(pick, (z_new, lp_new, g_new, pre_new),
+                                                   (z, lp, g, pre))
     else:
       accept_prob = jnp.ones((b,), z.dtype)
     moved = jnp.linalg.norm(z_new - z, axis=-1)
     # running sums, not per-step outputs: memory stays flat in num_steps
     sums = jax.tree.map(jnp.add, sums, (jnp.mean(moved), jnp.mean(accept_prob), jnp.mean(eta)))
-    return ((z_new, lp_new, g_new, chol_new), sums, i + 1), None
+    return ((z_new, lp_new, g_new, pre_new), sums, i + 1), None
 
-  init = ((z_init, *evaluate(z_init)), (jnp.zeros(()),) * 3, jnp.zeros((), jnp.int32))
+  init = ((z_init, *evaluate(z_init, None)), (jnp.zeros(()),) * 3, jnp.zeros((), jnp.int32))
   ((z, lp, _, _), sums, _), _ = jax.lax.scan(step, init, length=num_steps)
   moves, accepts, etas = (v / max(num_steps, 1) for v in sums)
   info = LangevinInfo(

@@ -93,9 +93,8 @@ class AttentionBlock(nn.Module):
   def __call__(self, x, context=None):
     b, hh, ww, c = x.shape
     q = group_norm(c)(x).reshape(b, hh * ww, c)
-    kv = q if context is None else context
     out = nn.MultiHeadDotProductAttention(
-        num_heads=self.num_heads, qkv_features=c, out_features=c)(q, kv, kv)
+        num_heads=self.num_heads, qkv_features=c, out_features=c)(q, context)
     return x + out.reshape(b, hh, ww, c)
 
 

@@ -1,0 +1,281 @@
+"""The Diffusion Encoder trained by EM (DESIGN.md §1): pure, jittable E- and M-steps.
+
+`DiffusionEncoder(config, info)` holds only static things (networks, schedules, optimisers);
+every method is a pure function of explicit arrays, e.g.
+
+    state = method.init_state(key)
+    state, metrics, latents = method.e_step(state, x, key)   # z⁰ → Langevin → z^K → φ update
+    state, metrics = method.m_step(state, x, latents, key)   # θ update on z^K (+ λ_align z⁰)
+    state, metrics = method.train_round(state, xs, key)      # e_updates E-steps, m_updates M-steps
+
+E-step: z⁰ ~ q_φ(·|x) by latent DDIM; K Langevin steps on the tempered posterior
+π_β(z|x) ∝ p(z) p_θ(x|z)^(1/β) (+ an optional proximal pull to z⁰); `encoder_inner_steps`
+denoising updates of φ on (x, z^K). M-step: θ ← NLL_θ(x|z^K) + λ_align NLL_θ(x|z⁰).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from diffenc_jax import losses, models, samplers, schedules
+
+Array = jax.Array
+PARAMETERIZATIONS = ("eps", "x0", "v")
+DECODERS = ("gaussian", "diffusion")
+
+
+class TrainState(flax.struct.PyTreeNode):
+  """Everything that changes during training. `params`, `opt_state` and `ema` are dicts with
+  the keys 'encoder' and 'decoder'; `step` counts training rounds."""
+
+  step: Array
+  params: Any
+  opt_state: Any
+  ema: Any
+
+
+def make_optimizer(lr: float, warmup_steps: int, grad_clip: float) -> optax.GradientTransformation:
+  """Adam with linear warm-up and global-norm clipping."""
+  schedule = optax.linear_schedule(0.0, lr, max(warmup_steps, 1))
+  return optax.chain(optax.clip_by_global_norm(grad_clip), optax.adam(schedule))
+
+
+def ema_update(ema, params, decay: float):
+  return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
+
+
+def eps_from_output(out: Array, z_t: Array, t: Array, schedule: schedules.Schedule,
+                    parameterization: str) -> Array:
+  """Converts a network output to ε̂: 'eps' (ε̂ = out), 'x0' (out = ẑ_0, ε̂ = (z_t − α ẑ_0)/σ)
+  or 'v' (out = v̂ = α ε̂ − σ ẑ_0, so ε̂ = σ z_t + α v̂). Shapes (B, d); t (B,)."""
+  if parameterization == "eps":
+    return out
+  alpha, sigma = (a[:, None] for a in schedule.alpha_sigma(t))
+  if parameterization == "x0":
+    return (z_t - alpha * out) / sigma
+  return sigma * z_t + alpha * out
+
+
+class DiffusionEncoder:
+  """The method: static configuration plus pure functions over `TrainState`."""
+
+  def __init__(self, config, data_shape: tuple[int, ...]):
+    self.config = config
+    self.data_shape = tuple(data_shape)
+    m = config.model
+    self.latent_dim = m.latent_dim
+    self.encoder = models.LatentDenoiser(
+        latent_dim=m.latent_dim, channels=tuple(m.enc_channels), feature_dim=m.enc_features,
+        hidden=m.enc_hidden, num_blocks=m.enc_blocks)
+    if m.decoder == "gaussian":
+      self.decoder = models.GaussianDecoder(image_shape=self.data_shape, arch=m.dec_arch,
+                                            mlp_hidden=tuple(m.dec_hidden),
+                                            channels=tuple(m.dec_channels))
+    else:
+      self.decoder = models.UNetDecoder(
+          image_shape=self.data_shape, channels=m.unet_channels,
+          channel_mult=tuple(m.unet_channel_mult), num_res_blocks=m.unet_num_res_blocks,
+          attn_resolutions=tuple(m.unet_attn_resolutions), emb_dim=m.unet_emb_dim,
+          dropout=m.unet_dropout, conditioning=m.unet_conditioning, latent_dim=m.latent_dim)
+    self.schedule = schedules.get_schedule(**config.schedule)
+    self.image_schedule = schedules.get_schedule(**config.image_schedule)
+    t = config.train
+    self.enc_opt = make_optimizer(t.enc_lr, t.warmup_steps, t.grad_clip)
+    self.dec_opt = make_optimizer(t.dec_lr, t.warmup_steps, t.grad_clip)
+
+  # --- parameters ----------------------------------------------------------------------
+  def init_state(self, key: Array) -> TrainState:
+    k_enc, k_dec = jax.random.split(key)
+    x = jnp.zeros((1,) + self.data_shape)
+    z = jnp.zeros((1, self.latent_dim))
+    t = jnp.zeros((1,))
+    params = {"encoder": self.encoder.init(k_enc, z, t, x)}
+    if self.config.model.decoder == "gaussian":
+      params["decoder"] = self.decoder.init(k_dec, z)
+    else:
+      params["decoder"] = self.decoder.init(k_dec, x, t, z)
+    opt_state = {"encoder": self.enc_opt.init(params["encoder"]),
+                 "decoder": self.dec_opt.init(params["decoder"])}
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
+                      ema=jax.tree.map(jnp.copy, params))
+
+  # --- encoder q_φ(z|x) ----------------------------------------------------------------
+  def encoder_eps_fn(self, enc_params, h: Array):
+    """ε̂(z_t, t) of the encoder for precomputed image features h (B, F)."""
+    param = self.config.model.enc_parameterization
+
+    def eps_fn(z_t, t):
+      out = self.encoder.apply(enc_params, z_t, t, h, method="denoise")
+      return eps_from_output(out, z_t, t, self.schedule, param)
+
+    return eps_fn
+
+  def encode(self, enc_params, x: Array, key: Array, num_steps: int | None = None) -> Array:
+    """z⁰ ~ q_φ(·|x): the features h(x) once, then latent DDIM. x (B, ...) → (B, d)."""
+    s = self.config.encoder_sampler
+    h = self.encoder.apply(enc_params, x, method="features")
+    return samplers.latent_ddim(self.encoder_eps_fn(enc_params, h), key,
+                                (x.shape[0], self.latent_dim), self.schedule,
+                                num_steps or s.num_steps, eta=s.eta, clip=s.clip)
+
+  def encoder_loss(self, enc_params, x: Array, z: Array, key: Array) -> Array:
+    """Mean denoising loss of the encoder on the pairs (x, z), averaged over
+    `em.encoder_noise_draws` draws of (t, ε) per pair: the features h(x) are computed once
+    and shared, so extra draws cost only the small latent MLP."""
+    n = self.config.em.encoder_noise_draws
+    h = jnp.repeat(self.encoder.apply(enc_params, x, method="features"), n, axis=0)
+    return losses.denoising_loss(self.encoder_eps_fn(enc_params, h), jnp.repeat(z, n, axis=0),
+                                 key, self.schedule,
+                                 weighting=self.config.model.enc_weighting).mean()
+
+  def rate(self, enc_params, x: Array, z0: Array, key: Array, num_samples: int) -> Array:
+    """Diffusion-KL rate KL(q_φ(·|x) ‖ N(0, I)) per example (B,), nats, from samples z0."""
+    h = self.encoder.apply(enc_params, x, method="features")
+    return losses.rate_estimate(self.encoder_eps_fn(enc_params, h), z0, key, self.schedule,
+                                num_samples)
+
+  # --- decoder p_θ(x|z) ----------------------------------------------------------------
+  def decoder_mean(self, dec_params, z: Array) -> Array:
+    """Gaussian decoder's mean μ_θ(z) (B, ...)."""
+    return self.decoder.apply(dec_params, z)
+
+  def decoder_eps_fn(self, dec_params, z: Array, train: bool = False, key: Array | None = None):
+    rngs = {"dropout": key} if train and key is not None else None
+    return lambda x_t, t: self.decoder.apply(dec_params, x_t, t, z, train=train, rngs=rngs)
+
+  def nll(self, dec_params, x: Array, z: Array, key: Array) -> Array:
+    """−log p_θ(x|z) per example (B,), nats: exact for the gaussian decoder, the
+    continuous-time ELBO bound (`mc_samples` draws) for the diffusion decoder."""
+    if self.config.model.decoder == "gaussian":
+      return losses.gaussian_nll(x, self.decoder_mean(dec_params, z), self.config.model.sigma_x)
+    return losses.diffusion_nll_bound(self.decoder_eps_fn(dec_params, z), x, key,
+                                      self.image_schedule, self.config.em.langevin.mc_samples)
+
+  def decoder_loss(self, dec_params, x: Array, z: Array, key: Array) -> Array:
+    """Per-example training loss of the decoder (B,): the NLL for the gaussian decoder, the
+    unit-weighted ε-MSE for the diffusion decoder."""
+    if self.config.model.decoder == "gaussian":
+      return self.nll(dec_params, x, z, key)
+    k_loss, k_drop = jax.random.split(key)
+    return losses.denoising_loss(self.decoder_eps_fn(dec_params, z, True, k_drop), x, k_loss,
+                                 self.image_schedule)
+
+  def decode(self, dec_params, z: Array, key: Array, num_steps: int | None = None) -> Array:
+    """x̂ from z: the mean for the gaussian decoder, an image DDIM sample for the diffusion one."""
+    if self.config.model.decoder == "gaussian":
+      return self.decoder_mean(dec_params, z)
+    return samplers.latent_ddim(self.decoder_eps_fn(dec_params, z), key,
+                                (z.shape[0],) + self.data_shape, self.image_schedule,
+                                num_steps or self.config.eval.decoder_steps, eta=0.0, clip=1.0)
+
+  # --- E-step --------------------------------------------------------------------------
+  def posterior_sample(self, params, x: Array, z0: Array, key: Array,
+                       num_steps: int | None = None) -> tuple[Array, samplers.LangevinInfo]:
+    """z^K: Langevin on π_β(z|x) ∝ p(z) p_θ(x|z)^(1/β) exp(−½ λ_prox ‖z − z⁰‖²) from z⁰."""
+    em, lv = self.config.em, self.config.em.langevin
+    dec_params = jax.lax.stop_gradient(params["decoder"])
+    k_nll, k_chain = jax.random.split(key)
+
+    def log_density(z):
+      # one fixed set of (t, ε) draws for the whole chain keeps U a deterministic function
+      log_p = -self.nll(dec_params, x, z, k_nll) / em.beta - 0.5 * jnp.sum(z**2, -1)
+      if em.prox_weight:
+        log_p -= 0.5 * em.prox_weight * jnp.sum((z - z0) ** 2, -1)
+      return log_p
+
+    precision_fn = None
+    if lv.step_rule == "gauss_newton":
+      precision_fn = samplers.gauss_newton_precision(
+          functools.partial(self.decoder_mean, dec_params), self.config.model.sigma_x,
+          em.beta, prior_precision=1.0 + em.prox_weight)
+    return samplers.langevin_posterior(
+        log_density, z0, k_chain, num_steps=num_steps or lv.num_steps, step_size=lv.step_size,
+        step_rule=lv.step_rule, max_move=lv.max_move, snr=lv.snr, mala=lv.mala,
+        precision_fn=precision_fn, refresh_precision=lv.refresh_precision)
+
+  def latents(self, params, x: Array, key: Array) -> dict[str, Array]:
+    """z⁰ from the encoder and z^K from the E-step chain (no gradients), with diagnostics."""
+    k_enc, k_chain = jax.random.split(key)
+    z0 = jax.lax.stop_gradient(self.encode(params["encoder"], x, k_enc))
+    zk, info = self.posterior_sample(params, x, z0, k_chain)
+    return {"z0": z0, "zK": zk, "info": info}
+
+  def e_step(self, state: TrainState, x: Array, key: Array):
+    """One E-step on a batch x: returns (state, metrics, latents)."""
+    k_lat, k_enc = jax.random.split(key)
+    lat = self.latents(state.params, x, k_lat)
+    zk = lat["zK"]
+
+    def update(carry, k):
+      params, opt_state = carry
+      loss, grads = jax.value_and_grad(self.encoder_loss)(params, x, zk, k)
+      updates, opt_state = self.enc_opt.update(grads, opt_state, params)
+      return (optax.apply_updates(params, updates), opt_state), loss
+
+    (enc, enc_opt), enc_losses = jax.lax.scan(
+        update, (state.params["encoder"], state.opt_state["encoder"]),
+        jax.random.split(k_enc, self.config.em.encoder_inner_steps))
+    decay = self.config.train.ema_decay
+    state = state.replace(
+        params={**state.params, "encoder": enc},
+        opt_state={**state.opt_state, "encoder": enc_opt},
+        ema={**state.ema, "encoder": ema_update(state.ema["encoder"], enc, decay)})
+    info = lat["info"]
+    metrics = {"enc_loss": enc_losses.mean(), "gap": jnp.mean(jnp.sum((zk - lat["z0"]) ** 2, -1)),
+               "move": info.move_norm, "accept": info.accept_rate, "step_size": info.step_size,
+               "z0_norm2": jnp.mean(jnp.sum(lat["z0"] ** 2, -1))}
+    return state, metrics, {"z0": lat["z0"], "zK": zk}
+
+  # --- M-step --------------------------------------------------------------------------
+  def m_step(self, state: TrainState, x: Array, latents: dict[str, Array], key: Array):
+    """One M-step: θ ← NLL_θ(x|z^K) + λ_align NLL_θ(x|z⁰). Returns (state, metrics)."""
+    lam = self.config.em.align_weight
+    k_k, k_0 = jax.random.split(key)
+
+    def loss_fn(dec_params):
+      loss_k = self.decoder_loss(dec_params, x, latents["zK"], k_k).mean()
+      loss_0 = self.decoder_loss(dec_params, x, latents["z0"], k_0).mean() if lam else 0.0
+      return loss_k + lam * loss_0, (loss_k, loss_0)
+
+    (_, (loss_k, loss_0)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params["decoder"])
+    updates, dec_opt = self.dec_opt.update(grads, state.opt_state["decoder"],
+                                           state.params["decoder"])
+    dec = optax.apply_updates(state.params["decoder"], updates)
+    state = state.replace(
+        params={**state.params, "decoder": dec},
+        opt_state={**state.opt_state, "decoder": dec_opt},
+        ema={**state.ema, "decoder": ema_update(state.ema["decoder"], dec,
+                                                self.config.train.ema_decay)})
+    return state, {"dec_loss_zK": loss_k, "dec_loss_z0": jnp.asarray(loss_0)}
+
+  # --- one round -----------------------------------------------------------------------
+  def train_round(self, state: TrainState, xs: Array, key: Array):
+    """e_updates E-steps, one per batch of xs (E, B, ...), then m_updates M-steps reusing
+    those batches' latents in turn. Returns (state with step + 1, metrics)."""
+    em = self.config.em
+    num_e = xs.shape[0]
+
+    def e_body(state, inputs):
+      i, x = inputs
+      state, metrics, lat = self.e_step(state, x, jax.random.fold_in(key, i))
+      return state, (metrics, lat)
+
+    state, (e_metrics, lats) = jax.lax.scan(e_body, state, (jnp.arange(num_e), xs))
+
+    def m_body(state, i):
+      j = i % num_e
+      pick = lambda a: jax.lax.dynamic_index_in_dim(a, j, keepdims=False)
+      state, metrics = self.m_step(state, pick(xs), jax.tree.map(pick, lats),
+                                   jax.random.fold_in(key, num_e + i))
+      return state, metrics
+
+    state, m_metrics = jax.lax.scan(m_body, state, jnp.arange(em.m_updates))
+    metrics = jax.tree.map(jnp.mean, {**e_metrics, **m_metrics})
+    return state.replace(step=state.step + 1), metrics

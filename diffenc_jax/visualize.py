@@ -1,0 +1,48 @@
+"""PNG grids of images in [-1, 1] (Pillow): reconstructions and samples."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import PIL.Image
+
+
+def image_grid(images: np.ndarray, rows: int) -> np.ndarray:
+  """(N, H, W, C) in [-1, 1] → one uint8 image (rows·H, ⌈N/rows⌉·W, C), 1-pixel gaps."""
+  images = np.clip((np.asarray(images) + 1.0) * 127.5, 0, 255).astype(np.uint8)
+  n, h, w, c = images.shape
+  cols = -(-n // rows)
+  grid = np.full((rows * (h + 1) + 1, cols * (w + 1) + 1, c), 255, np.uint8)
+  for i, img in enumerate(images):
+    r, q = divmod(i, cols)
+    grid[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + q * (w + 1):1 + q * (w + 1) + w] = img
+  return grid
+
+
+def save_png(grid: np.ndarray, path: str, scale: int = 2) -> None:
+  img = PIL.Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
+  img.resize((img.width * scale, img.height * scale), PIL.Image.NEAREST).save(path)
+
+
+def save_reconstructions(held_out, state, path: str) -> None:
+  """Rows: held-out images, their decodes from z⁰, from refined z^K (image data only)."""
+  cfg, m = held_out.config, held_out.method
+  if len(m.data_shape) != 3:
+    return
+  params = state.ema if cfg.eval.use_ema else state.params
+  x = held_out.images[:min(cfg.eval.num_images, 16)]
+  key = jax.random.key(cfg.seed + 3)
+  k_enc, k_chain, k_dec = jax.random.split(key, 3)
+  z0 = m.encode(params["encoder"], x, k_enc)
+  zk, _ = m.posterior_sample(params, x, z0, k_chain, num_steps=cfg.em.eval_refine_steps)
+  rows = [x, m.decode(params["decoder"], z0, k_dec), m.decode(params["decoder"], zk, k_dec)]
+  save_png(image_grid(np.concatenate([np.asarray(r) for r in rows]), rows=3), path)
+
+
+def save_samples(method, state, config, path: str) -> None:
+  """A grid of decodes of z ~ N(0, I), the prior."""
+  params = state.ema if config.eval.use_ema else state.params
+  k_z, k_dec = jax.random.split(jax.random.key(config.seed + 4))
+  z = jax.random.normal(k_z, (config.eval.num_images, method.latent_dim))
+  x = method.decode(params["decoder"], z, k_dec)
+  save_png(image_grid(np.asarray(x), rows=int(np.sqrt(config.eval.num_images))), path)
