@@ -41,8 +41,10 @@ class TrainState(flax.struct.PyTreeNode):
 
 
 def make_optimizer(lr: float, warmup_steps: int, grad_clip: float) -> optax.GradientTransformation:
-  """Adam with linear warm-up and global-norm clipping."""
-  schedule = optax.linear_schedule(0.0, lr, max(warmup_steps, 1))
+  """Adam with linear warm-up (from lr/warmup_steps, so the first update moves) and
+  global-norm clipping."""
+  warmup_steps = max(warmup_steps, 1)
+  schedule = optax.linear_schedule(lr / warmup_steps, lr, warmup_steps)
   return optax.chain(optax.clip_by_global_norm(grad_clip), optax.adam(schedule))
 
 

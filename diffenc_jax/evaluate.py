@@ -44,16 +44,25 @@ class HeldOut:
 
   def __post_init__(self):
     self._batch_metrics = jax.jit(self._metrics)
+    self.reconstruct = jax.jit(self._reconstruct)
+
+  def _reconstruct(self, params, x, key):
+    """(z⁰, z^K, decode(z⁰), decode(z^K), Langevin info) for a batch x."""
+    m = self.method
+    k_enc, k_chain, k_dec = jax.random.split(key, 3)
+    z0 = m.encode(params["encoder"], x, k_enc)
+    zk, info = m.posterior_sample(params, x, z0, k_chain,
+                                  num_steps=self.config.em.eval_refine_steps)
+    return (z0, zk, m.decode(params["decoder"], z0, k_dec), m.decode(params["decoder"], zk, k_dec),
+            info)
 
   def _metrics(self, params, x, key):
-    m, cfg = self.method, self.config
-    k_enc, k_chain, k_dec, k_rate = jax.random.split(key, 4)
-    z0 = m.encode(params["encoder"], x, k_enc)
-    zk, info = m.posterior_sample(params, x, z0, k_chain, num_steps=cfg.em.eval_refine_steps)
-    rate = m.rate(params["encoder"], x, z0, k_rate, cfg.eval.rate_samples)
+    k_rec, k_rate = jax.random.split(key)
+    z0, zk, x0, xk, info = self._reconstruct(params, x, k_rec)
+    rate = self.method.rate(params["encoder"], x, z0, k_rate, self.config.eval.rate_samples)
     return {
-        "mse_z0": unit_mse(x, m.decode(params["decoder"], z0, k_dec)),
-        "mse_zK": unit_mse(x, m.decode(params["decoder"], zk, k_dec)),
+        "mse_z0": unit_mse(x, x0),
+        "mse_zK": unit_mse(x, xk),
         "rate_nats": rate,
         "gap": jnp.sum(jnp.square(zk - z0), -1),
         "move": jnp.full((x.shape[0],), info.move_norm),
@@ -87,6 +96,8 @@ def encode_splits(config, method, state, path: str, refine: bool = True) -> None
   def encode(x, key):
     k_enc, k_chain = jax.random.split(key)
     z0 = method.encode(params["encoder"], x, k_enc)
+    if not refine:
+      return z0, z0
     zk, _ = method.posterior_sample(params, x, z0, k_chain,
                                     num_steps=config.em.eval_refine_steps)
     return z0, zk

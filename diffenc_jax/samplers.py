@@ -121,6 +121,7 @@ def langevin_posterior(
     mala: bool = False,
     precision_fn: Callable[[Array], Array] | None = None,
     refresh_precision: bool = True,
+    unroll: int | bool = 1,
 ) -> tuple[Array, LangevinInfo]:
   """Langevin dynamics on an unnormalised per-example log density, as one `lax.scan`.
 
@@ -138,6 +139,10 @@ def langevin_posterior(
   exactly invariant.
 
   No gradient flows through the chain: z_init is wrapped in `stop_gradient`.
+
+  `unroll` is passed to `lax.scan`. On XLA:CPU convolutions inside a loop body run several
+  times slower than at top level (measured in benchmarks/langevin.py), so a conv decoder on a
+  CPU wants unroll=True for small K; on accelerators leave it at 1.
 
   Args:
     log_density_fn: z (B, d) -> (B,), log π up to a per-example constant; examples must be
@@ -199,6 +204,8 @@ def langevin_posterior(
 
   def step(carry, _):
     (z, lp, g, pre), sums, i = carry
+    if not mala:  # the gradient at the current point; MALA carries it from the last step
+      lp, g, pre = evaluate(z, pre)
     k_noise, k_accept = jax.random.split(jax.random.fold_in(key, i))
     xi = jax.random.normal(k_noise, z.shape, z.dtype)
     if step_rule == "snr":
@@ -213,8 +220,8 @@ def langevin_posterior(
       norm = jnp.linalg.norm(move, axis=-1, keepdims=True)
       move = move * jnp.minimum(1.0, max_move / (norm + 1e-12))
     z_new = z + move
-    lp_new, g_new, pre_new = evaluate(z_new, pre)
     if mala:
+      lp_new, g_new, pre_new = evaluate(z_new, pre)
       log_ratio = (lp_new - lp + log_proposal(z, z_new, g_new, pre_new, eta)
                    - log_proposal(z_new, z, g, pre, eta))
       accept_prob = jnp.exp(jnp.minimum(log_ratio, 0.0))
@@ -224,14 +231,22 @@ def langevin_posterior(
       z_new, lp_new, g_new, pre_new = jax.tree.map(pick, (z_new, lp_new, g_new, pre_new),
                                                    (z, lp, g, pre))
     else:
+      lp_new, g_new, pre_new = lp, g, pre  # superseded at the next step
       accept_prob = jnp.ones((b,), z.dtype)
     moved = jnp.linalg.norm(z_new - z, axis=-1)
     # running sums, not per-step outputs: memory stays flat in num_steps
     sums = jax.tree.map(jnp.add, sums, (jnp.mean(moved), jnp.mean(accept_prob), jnp.mean(eta)))
     return ((z_new, lp_new, g_new, pre_new), sums, i + 1), None
 
-  init = ((z_init, *evaluate(z_init, None)), (jnp.zeros(()),) * 3, jnp.zeros((), jnp.int32))
-  ((z, lp, _, _), sums, _), _ = jax.lax.scan(step, init, length=num_steps)
+  if mala:
+    point = (z_init, *evaluate(z_init, None))
+  else:  # K gradients for K steps: none is spent on the final point
+    point = (z_init, jnp.zeros((b,), z_init.dtype), jnp.zeros_like(z_init),
+             factor(z_init) if precond else None)
+  init = (point, (jnp.zeros(()),) * 3, jnp.zeros((), jnp.int32))
+  ((z, lp, _, _), sums, _), _ = jax.lax.scan(step, init, length=num_steps, unroll=unroll)
+  if not mala:
+    lp = log_density_fn(z)
   moves, accepts, etas = (v / max(num_steps, 1) for v in sums)
   info = LangevinInfo(
       move_norm=moves,

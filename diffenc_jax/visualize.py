@@ -26,23 +26,25 @@ def save_png(grid: np.ndarray, path: str, scale: int = 2) -> None:
 
 def save_reconstructions(held_out, state, path: str) -> None:
   """Rows: held-out images, their decodes from z⁰, from refined z^K (image data only)."""
-  cfg, m = held_out.config, held_out.method
-  if len(m.data_shape) != 3:
+  cfg = held_out.config
+  if len(held_out.method.data_shape) != 3:
     return
   params = state.ema if cfg.eval.use_ema else state.params
   x = held_out.images[:min(cfg.eval.num_images, 16)]
-  key = jax.random.key(cfg.seed + 3)
-  k_enc, k_chain, k_dec = jax.random.split(key, 3)
-  z0 = m.encode(params["encoder"], x, k_enc)
-  zk, _ = m.posterior_sample(params, x, z0, k_chain, num_steps=cfg.em.eval_refine_steps)
-  rows = [x, m.decode(params["decoder"], z0, k_dec), m.decode(params["decoder"], zk, k_dec)]
+  _, _, x0, xk, _ = held_out.reconstruct(params, x, jax.random.key(cfg.seed + 3))
+  rows = [x, x0, xk]
   save_png(image_grid(np.concatenate([np.asarray(r) for r in rows]), rows=3), path)
 
 
 def save_samples(method, state, config, path: str) -> None:
   """A grid of decodes of z ~ N(0, I), the prior."""
   params = state.ema if config.eval.use_ema else state.params
-  k_z, k_dec = jax.random.split(jax.random.key(config.seed + 4))
-  z = jax.random.normal(k_z, (config.eval.num_images, method.latent_dim))
-  x = method.decode(params["decoder"], z, k_dec)
+
+  @jax.jit
+  def sample(params, key):
+    k_z, k_dec = jax.random.split(key)
+    z = jax.random.normal(k_z, (config.eval.num_images, method.latent_dim))
+    return method.decode(params["decoder"], z, k_dec)
+
+  x = sample(params, jax.random.key(config.seed + 4))
   save_png(image_grid(np.asarray(x), rows=int(np.sqrt(config.eval.num_images))), path)

@@ -74,7 +74,8 @@ class UNetDecoder(nn.Module):
     'film':  an MLP embedding of z modulates each ResBlock again, separately from t:
              (GN(h)·(1+s_t)+b_t)·(1+s_z)+b_z;
     'xattn': z is projected to one token (B, 1, emb_dim), and every ResBlock is followed by
-             cross-attention from all positions to that token (DMZ).
+             cross-attention from all positions to that token (DMZ; with one token this is
+             computed in closed form, see AttentionBlock).
   The output conv is zero-initialised (ε̂ = 0 at init). Dropout in the ResBlocks uses the
   'dropout' rng when train=True. Vector data, image_shape = (D,): a residual MLP whose
   blocks are FiLM-modulated by TimeEmbedding(t) + Dense(z) (all conditionings alike).
@@ -105,7 +106,8 @@ class UNetDecoder(nn.Module):
     emb = TimeEmbedding(self.emb_dim)(t)
     if len(self.image_shape) == 1:
       cond = emb + nn.Dense(self.emb_dim)(z)
-      return ResidualMLP(self.emb_dim, 2 * self.num_res_blocks, self.image_shape[0])(x_t, cond)
+      num_blocks = max(2 * self.num_res_blocks, 1)
+      return ResidualMLP(self.emb_dim, num_blocks, self.image_shape[0])(x_t, cond)
 
     cond = token = None
     if self.conditioning == "adagn":

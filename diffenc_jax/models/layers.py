@@ -83,8 +83,10 @@ class AttentionBlock(nn.Module):
   """Residual multi-head attention over the H·W positions: (B, H, W, C) → (B, H, W, C).
 
   Self-attention when `context` is None; otherwise cross-attention from every position to
-  the context tokens (B, T, E). With a single token (T = 1) the softmax weight is 1, so each
-  position receives the same projected token: the DMZ way of injecting z.
+  the context tokens (B, T, E). With a single token (T = 1), the DMZ way of injecting z, the
+  softmax over one key is identically 1, so queries and keys cannot matter: every position
+  receives W_o (W_v token + b_v) + b_o. That closed form is computed directly (same value and
+  output projections, no dead query/key weights), which is exact and much cheaper.
   """
 
   num_heads: int = 1
@@ -92,6 +94,9 @@ class AttentionBlock(nn.Module):
   @nn.compact
   def __call__(self, x, context=None):
     b, hh, ww, c = x.shape
+    if context is not None and context.shape[1] == 1:
+      value = nn.Dense(c, name="value")(context[:, 0])
+      return x + nn.Dense(c, name="out")(value)[:, None, None, :]
     q = group_norm(c)(x).reshape(b, hh * ww, c)
     out = nn.MultiHeadDotProductAttention(
         num_heads=self.num_heads, qkv_features=c, out_features=c)(q, context)
