@@ -22,7 +22,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except train.UsageError as e:
+  except (train.UsageError, FloatingPointError) as e:
     raise SystemExit(f"error: {e}") from None
 
 

@@ -36,7 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
   model.enc_weighting = "x0"  # unit | vlb | x0 | v: w(t) of the encoder's denoising loss
   # gaussian decoder
   model.dec_arch = "mlp"  # mlp | conv
-  model.dec_hidden = (512, 512)  # mlp
+  model.dec_hidden = (1024, 1024)  # mlp
   model.dec_channels = (64, 32)  # conv
   # diffusion decoder (z-conditioned U-Net)
   model.unet_channels = 32
@@ -64,7 +64,7 @@ def get_config() -> ml_collections.ConfigDict:
   em.e_updates = 1  # E updates per round
   em.m_updates = 1  # M updates per round
   em.encoder_inner_steps = 1  # encoder denoising updates per E-step on the same (x, z^K)
-  em.encoder_noise_draws = 8  # (t, ε) draws per (x, z^K) pair in each encoder update
+  em.encoder_noise_draws = 4  # (t, ε) draws per (x, z^K) pair in each encoder update
   em.prox_weight = 0.0  # λ_prox: ½ λ_prox ‖z − z⁰‖² added to U
   em.langevin = langevin = ml_collections.ConfigDict()
   langevin.num_steps = 10
@@ -80,7 +80,7 @@ def get_config() -> ml_collections.ConfigDict:
   # --- optimisation -----------------------------------------------------------------------
   config.train = train = ml_collections.ConfigDict()
   train.batch_size = 128
-  train.num_steps = 2000
+  train.num_steps = 1500
   train.enc_lr = 1e-3
   train.dec_lr = 1e-3
   train.warmup_steps = 100

@@ -171,12 +171,15 @@ def langevin_posterior(
     return lp, g
 
   def factor(z):
-    """(H, L⁻¹) with H = L Lᵀ = precision_fn(z): one Cholesky and one triangular inverse,
-    after which every use below is a batched mat-vec."""
+    """(H, A, ½ log|H|) with Aᵀ A = H⁻¹, from an eigendecomposition H = Q Λ Qᵀ, A = Λ^{−½} Qᵀ.
+    eigh rather than Cholesky: H = JᵀJ/(σ²β) + I can be too ill-conditioned for a float32
+    Cholesky once the decoder sharpens. Every later use is a batched mat-vec."""
     h = precision_fn(z)
-    eye = jnp.broadcast_to(jnp.eye(d, dtype=z.dtype), h.shape)
-    linv = jax.scipy.linalg.solve_triangular(jnp.linalg.cholesky(h), eye, lower=True)
-    return h, linv
+    h = 0.5 * (h + jnp.swapaxes(h, -1, -2))
+    lam, q = jnp.linalg.eigh(h)
+    lam = jnp.maximum(lam, 1e-6 * jnp.max(lam, -1, keepdims=True))
+    a = jnp.swapaxes(q, -1, -2) / jnp.sqrt(lam)[..., None]
+    return h, a, 0.5 * jnp.sum(jnp.log(lam), -1)
 
   def evaluate(z, pre):
     """Everything the proposal needs at z: log π, its gradient, and the preconditioner
@@ -187,19 +190,18 @@ def langevin_posterior(
     return lp, g, pre
 
   def drift(g, pre):
-    """H⁻¹ g = L⁻ᵀ L⁻¹ g per example (g itself when not preconditioned)."""
+    """H⁻¹ g = Aᵀ A g per example (g itself when not preconditioned)."""
     if pre is None:
       return g
-    linv = pre[1]
-    return jnp.einsum("bji,bj->bi", linv, jnp.einsum("bij,bj->bi", linv, g))
+    a = pre[1]
+    return jnp.einsum("bji,bj->bi", a, jnp.einsum("bij,bj->bi", a, g))
 
   def log_proposal(z_to, z_from, g_from, pre_from, eta):
     """log N(z_to; z_from + η H⁻¹ g, 2η H⁻¹) up to a constant shared by both directions."""
     diff = z_to - z_from - eta[:, None] * drift(g_from, pre_from)
     if pre_from is None:
       return -jnp.sum(jnp.square(diff), -1) / (4.0 * eta)
-    h, linv = pre_from
-    half_logdet = -jnp.sum(jnp.log(jnp.diagonal(linv, axis1=-2, axis2=-1)), -1)  # ½ log|H|
+    h, _, half_logdet = pre_from
     return -jnp.einsum("bi,bij,bj->b", diff, h, diff) / (4.0 * eta) + half_logdet
 
   def step(carry, _):
@@ -213,7 +215,7 @@ def langevin_posterior(
       eta = 2.0 * jnp.square(snr * ratio)
     else:
       eta = jnp.full((b,), step_size, z.dtype)
-    # H^{−½} ξ as L⁻ᵀ ξ: its covariance is L⁻ᵀ L⁻¹ = H⁻¹
+    # H^{−½} ξ as Aᵀ ξ: its covariance is Aᵀ A = H⁻¹
     noise = xi if pre is None else jnp.einsum("bji,bj->bi", pre[1], xi)
     move = eta[:, None] * drift(g, pre) + jnp.sqrt(2.0 * eta)[:, None] * noise
     if max_move > 0:

@@ -166,7 +166,7 @@ class Trainer:
                                   jax.random.fold_in(base_key, step))
       done = step + 1
       if done % cfg.train.log_every == 0 or done == cfg.train.num_steps:
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        metrics = self._finite(metrics, done)
         now = time.time()
         metrics["steps_per_s"] = (done - s_last) / (now - t_last)
         t_last, s_last = now, done
@@ -181,11 +181,22 @@ class Trainer:
           visualize.save_reconstructions(test, state, os.path.join(self.workdir,
                                                                    f"recon_{done:06d}.png"))
       if done % cfg.train.checkpoint_every == 0 or done == cfg.train.num_steps:
+        self._finite(metrics, done)
         self.save(state)
     self.checkpoints.wait_until_finished()
     if writer:
       writer.close()
     return eval_metrics
+
+  def _finite(self, metrics, done: int) -> dict[str, float]:
+    """The metrics as floats; raises before a diverged state can overwrite a checkpoint."""
+    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    bad = sorted(k for k, v in metrics.items() if not np.isfinite(v))
+    if bad:
+      raise FloatingPointError(
+          f"training diverged by round {done}: {', '.join(bad)} not finite; the newest "
+          f"checkpoint ({self.checkpoints.latest_step()}) is kept")
+    return metrics
 
   def _log(self, writer, path, step, metrics):
     if jax.process_index() != 0:
