@@ -39,6 +39,10 @@ class TrainState(flax.struct.PyTreeNode):
   opt_state: Any
   ema: Any
 
+  def eval_params(self, use_ema: bool):
+    """The parameters to evaluate with: the EMA ones or the raw ones."""
+    return self.ema if use_ema else self.params
+
 
 def make_optimizer(lr: float, warmup_steps: int, grad_clip: float) -> optax.GradientTransformation:
   """Adam with linear warm-up (from lr/warmup_steps, so the first update moves) and
@@ -201,11 +205,13 @@ class DiffusionEncoder:
         step_rule=lv.step_rule, max_move=lv.max_move, snr=lv.snr, mala=lv.mala,
         precision_fn=precision_fn, refresh_precision=lv.refresh_precision)
 
-  def latents(self, params, x: Array, key: Array) -> dict[str, Array]:
-    """z⁰ from the encoder and z^K from the E-step chain (no gradients), with diagnostics."""
+  def latents(self, params, x: Array, key: Array,
+              num_steps: int | None = None) -> dict[str, Array]:
+    """z⁰ from the encoder and z^K after `num_steps` Langevin steps from it (the E-step's
+    em.langevin.num_steps by default), with the chain's diagnostics. No gradients."""
     k_enc, k_chain = jax.random.split(key)
     z0 = jax.lax.stop_gradient(self.encode(params["encoder"], x, k_enc))
-    zk, info = self.posterior_sample(params, x, z0, k_chain)
+    zk, info = self.posterior_sample(params, x, z0, k_chain, num_steps)
     return {"z0": z0, "zK": zk, "info": info}
 
   def e_step(self, state: TrainState, x: Array, key: Array):
@@ -228,8 +234,8 @@ class DiffusionEncoder:
         opt_state={**state.opt_state, "encoder": enc_opt},
         ema={**state.ema, "encoder": ema_update(state.ema["encoder"], enc, decay)})
     info = lat["info"]
-    metrics = {"enc_loss": jnp.mean(jnp.stack(enc_losses)), "gap": jnp.mean(jnp.sum((zk - lat["z0"]) ** 2, -1)),
-               "move": info.move_norm, "accept": info.accept_rate, "step_size": info.step_size,
+    metrics = {"enc_loss": jnp.mean(jnp.stack(enc_losses)),
+               "gap": jnp.mean(jnp.sum((zk - lat["z0"]) ** 2, -1)), "move": info.move_norm, "accept": info.accept_rate, "step_size": info.step_size,
                "z0_norm2": jnp.mean(jnp.sum(lat["z0"] ** 2, -1))}
     return state, metrics, {"z0": lat["z0"], "zK": zk}
 

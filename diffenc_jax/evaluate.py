@@ -49,12 +49,11 @@ class HeldOut:
   def _reconstruct(self, params, x, key):
     """(z⁰, z^K, decode(z⁰), decode(z^K), Langevin info) for a batch x."""
     m = self.method
-    k_enc, k_chain, k_dec = jax.random.split(key, 3)
-    z0 = m.encode(params["encoder"], x, k_enc)
-    zk, info = m.posterior_sample(params, x, z0, k_chain,
-                                  num_steps=self.config.em.eval_refine_steps)
+    k_lat, k_dec = jax.random.split(key)
+    lat = m.latents(params, x, k_lat, self.config.em.eval_refine_steps)
+    z0, zk = lat["z0"], lat["zK"]
     return (z0, zk, m.decode(params["decoder"], z0, k_dec), m.decode(params["decoder"], zk, k_dec),
-            info)
+            lat["info"])
 
   def _metrics(self, params, x, key):
     k_rec, k_rate = jax.random.split(key)
@@ -71,7 +70,7 @@ class HeldOut:
 
   def evaluate(self, state, key=None) -> dict[str, float]:
     """Metrics over the whole held-out split (EMA params if config.eval.use_ema)."""
-    params = state.ema if self.config.eval.use_ema else state.params
+    params = state.eval_params(self.config.eval.use_ema)
     key = jax.random.key(self.config.seed + 1) if key is None else key
     b = self.config.eval.batch_size
     sums, n = {}, 0
@@ -90,17 +89,14 @@ class HeldOut:
 
 def encode_splits(config, method, state, path: str, refine: bool = True) -> None:
   """Writes z⁰ (and, with refine, E-step-refined z^K) of both splits with labels to .npz."""
-  params = state.ema if config.eval.use_ema else state.params
+  params = state.eval_params(config.eval.use_ema)
 
   @jax.jit
   def encode(x, key):
-    k_enc, k_chain = jax.random.split(key)
-    z0 = method.encode(params["encoder"], x, k_enc)
     if not refine:
-      return z0, z0
-    zk, _ = method.posterior_sample(params, x, z0, k_chain,
-                                    num_steps=config.em.eval_refine_steps)
-    return z0, zk
+      return (method.encode(params["encoder"], x, key),) * 2
+    lat = method.latents(params, x, key, config.em.eval_refine_steps)
+    return lat["z0"], lat["zK"]
 
   out = {}
   for split in ("train", "test"):

@@ -21,13 +21,11 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from diffenc_jax import data, em, evaluate, samplers, schedules, visualize
+from diffenc_jax import data, em, evaluate, losses, samplers, schedules, visualize
 
 MODES = ("train", "eval", "reconstruct", "sample", "encode")
 METHODS = ("diffenc",)
@@ -38,7 +36,7 @@ class UsageError(ValueError):
 
 
 def validate_config(config, num_devices: int | None = None) -> None:
-  """Raises ValueError with one line on a bad config, before anything is loaded or compiled."""
+  """Raises UsageError with one line on a bad config, before anything is loaded or compiled."""
   num_devices = num_devices or jax.device_count()
 
   def check(ok, message):
@@ -57,7 +55,6 @@ def validate_config(config, num_devices: int | None = None) -> None:
   check(m.enc_parameterization in em.PARAMETERIZATIONS,
         f"unknown model.enc_parameterization {m.enc_parameterization!r}; "
         f"choose one of {em.PARAMETERIZATIONS}")
-  from diffenc_jax import losses
   check(m.enc_weighting in losses.WEIGHTINGS,
         f"unknown model.enc_weighting {m.enc_weighting!r}; choose one of {losses.WEIGHTINGS}")
   check(m.sigma_x > 0, f"model.sigma_x must be > 0, got {m.sigma_x}")
@@ -99,7 +96,6 @@ class Trainer:
     self.mesh = jax.make_mesh((jax.device_count(),), ("data",),
                               axis_types=(jax.sharding.AxisType.Auto,))
     self.replicated = NamedSharding(self.mesh, P())
-    self.batch_sharding = NamedSharding(self.mesh, P("data"))
     # E batches of B examples: (E, B, ...) sharded on B
     self.round_sharding = NamedSharding(self.mesh, P(None, "data"))
     self.round = jax.jit(self.method.train_round,
@@ -132,8 +128,8 @@ class Trainer:
       raise UsageError(f"cannot restore checkpoint {step} in {self.workdir}: "
                        f"{str(e).splitlines()[0]}") from e
 
-  def save(self, state: em.TrainState, force: bool = False) -> None:
-    self.checkpoints.save(int(state.step), args=ocp.args.StandardSave(state), force=force)
+  def save(self, state: em.TrainState) -> None:
+    self.checkpoints.save(int(state.step), args=ocp.args.StandardSave(state))
 
   # --- data -----------------------------------------------------------------------------
   def global_batch(self, batches: data.TrainBatches, round_index: int) -> jax.Array:

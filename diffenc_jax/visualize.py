@@ -29,7 +29,7 @@ def save_reconstructions(held_out, state, path: str) -> None:
   cfg = held_out.config
   if len(held_out.method.data_shape) != 3:
     return
-  params = state.ema if cfg.eval.use_ema else state.params
+  params = state.eval_params(cfg.eval.use_ema)
   x = held_out.images[:min(cfg.eval.num_images, 16)]
   _, _, x0, xk, _ = held_out.reconstruct(params, x, jax.random.key(cfg.seed + 3))
   rows = [x, x0, xk]
@@ -38,7 +38,7 @@ def save_reconstructions(held_out, state, path: str) -> None:
 
 def save_samples(method, state, config, path: str) -> None:
   """A grid of decodes of z ~ N(0, I), the prior."""
-  params = state.ema if config.eval.use_ema else state.params
+  params = state.eval_params(config.eval.use_ema)
 
   @jax.jit
   def sample(params, key):
