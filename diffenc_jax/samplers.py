@@ -172,8 +172,9 @@ def langevin_posterior(
 
   def factor(z):
     """(H, A, ½ log|H|) with Aᵀ A = H⁻¹, from an eigendecomposition H = Q Λ Qᵀ, A = Λ^{−½} Qᵀ.
-    eigh rather than Cholesky: H = JᵀJ/(σ²β) + I can be too ill-conditioned for a float32
-    Cholesky once the decoder sharpens. Every later use is a batched mat-vec."""
+    eigh rather than Cholesky, with eigenvalues floored at 1e-6 of the largest: a guard for
+    H = JᵀJ/(σ²β) + I growing ill-conditioned in float32 as the decoder sharpens. Every later
+    use is a batched mat-vec."""
     h = precision_fn(z)
     h = 0.5 * (h + jnp.swapaxes(h, -1, -2))
     lam, q = jnp.linalg.eigh(h)
@@ -243,8 +244,11 @@ def langevin_posterior(
   if mala:
     point = (z_init, *evaluate(z_init, None))
   else:  # K gradients for K steps: none is spent on the final point
-    point = (z_init, jnp.zeros((b,), z_init.dtype), jnp.zeros_like(z_init),
-             factor(z_init) if precond else None)
+    pre = None
+    if precond:  # refreshed at each step's start, so only a constant one is computed here
+      pre = (factor(z_init) if not refresh_precision else
+             jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(factor, z_init)))
+    point = (z_init, jnp.zeros((b,), z_init.dtype), jnp.zeros_like(z_init), pre)
   init = (point, (jnp.zeros(()),) * 3, jnp.zeros((), jnp.int32))
   ((z, lp, _, _), sums, _), _ = jax.lax.scan(step, init, length=num_steps, unroll=unroll)
   if not mala:
