@@ -69,7 +69,11 @@ def eps_from_output(out: Array, z_t: Array, t: Array, schedule: schedules.Schedu
 
 
 class DiffusionEncoder:
-  """The method: static configuration plus pure functions over `TrainState`."""
+  """The method: static configuration plus pure functions over `TrainState` (the interface
+  of `diffenc_jax.methods`)."""
+
+  progress_keys = ("gap", "dec_loss_zK")
+  rate_kind = "diffusion KL"
 
   def __init__(self, config, data_shape: tuple[int, ...]):
     self.config = config
@@ -140,11 +144,17 @@ class DiffusionEncoder:
                                  key, self.schedule,
                                  weighting=self.config.model.enc_weighting).mean()
 
-  def rate(self, enc_params, x: Array, z0: Array, key: Array, num_samples: int) -> Array:
+  def rate(self, params, x: Array, z0: Array, key: Array, num_samples: int) -> Array:
     """Diffusion-KL rate KL(q_φ(·|x) ‖ N(0, I)) per example (B,), nats, from samples z0."""
+    enc_params = params["encoder"]
     h = self.encoder.apply(enc_params, x, method="features")
     return losses.rate_estimate(self.encoder_eps_fn(enc_params, h), z0, key, self.schedule,
                                 num_samples)
+
+  def sample_latents(self, params, key: Array, n: int) -> Array:
+    """n latents from the prior p(z) = N(0, I)."""
+    del params
+    return jax.random.normal(key, (n, self.latent_dim))
 
   # --- decoder p_θ(x|z) ----------------------------------------------------------------
   def decoder_mean(self, dec_params, z: Array) -> Array:

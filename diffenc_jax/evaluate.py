@@ -58,15 +58,16 @@ class HeldOut:
   def _metrics(self, params, x, key):
     k_rec, k_rate = jax.random.split(key)
     z0, zk, x0, xk, info = self._reconstruct(params, x, k_rec)
-    rate = self.method.rate(params["encoder"], x, z0, k_rate, self.config.eval.rate_samples)
-    return {
+    out = {
         "mse_z0": unit_mse(x, x0),
         "mse_zK": unit_mse(x, xk),
-        "rate_nats": rate,
+        "rate_nats": self.method.rate(params, x, z0, k_rate, self.config.eval.rate_samples),
         "gap": jnp.sum(jnp.square(zk - z0), -1),
-        "move": jnp.full((x.shape[0],), info.move_norm),
-        "accept": jnp.full((x.shape[0],), info.accept_rate),
     }
+    if info is not None:  # methods with a posterior refinement of z⁰
+      out["move"] = jnp.full((x.shape[0],), info.move_norm)
+      out["accept"] = jnp.full((x.shape[0],), info.accept_rate)
+    return out
 
   def evaluate(self, state, key=None) -> dict[str, float]:
     """Metrics over the whole held-out split (EMA params if config.eval.use_ema)."""
@@ -82,9 +83,7 @@ class HeldOut:
       n += len(x)
     mean = {k: v / n for k, v in sums.items()}
     return {"psnr_z0": psnr_from_mse(mean["mse_z0"]), "psnr_zK": psnr_from_mse(mean["mse_zK"]),
-            "rate_nats": mean["rate_nats"], "rate_bits": mean["rate_nats"] / math.log(2),
-            "gap": mean["gap"], "move": mean["move"], "accept": mean["accept"],
-            "mse_z0": mean["mse_z0"], "mse_zK": mean["mse_zK"]}
+            "rate_nats": mean["rate_nats"], "rate_bits": mean["rate_nats"] / math.log(2), **mean}
 
 
 def encode_splits(config, method, state, path: str, refine: bool = True) -> None:

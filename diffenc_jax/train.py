@@ -25,10 +25,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from diffenc_jax import data, em, evaluate, losses, samplers, schedules, visualize
+from diffenc_jax import data, em, evaluate, losses, methods, samplers, schedules, visualize
 
 MODES = ("train", "eval", "reconstruct", "sample", "encode")
-METHODS = ("diffenc",)
 
 
 class UsageError(ValueError):
@@ -43,7 +42,8 @@ def validate_config(config, num_devices: int | None = None) -> None:
     if not ok:
       raise UsageError(f"bad config: {message}")
 
-  check(config.method in METHODS, f"unknown method {config.method!r}; choose one of {METHODS}")
+  check(config.method in methods.METHODS,
+        f"unknown method {config.method!r}; choose one of {methods.METHODS}")
   check(config.train.mode in MODES, f"unknown mode {config.train.mode!r}; choose one of {MODES}")
   try:
     data.validate_data_config(config.data)
@@ -91,7 +91,7 @@ class Trainer:
     self.config = config
     self.workdir = os.path.abspath(workdir)
     self.info = data.get_info(config.data)
-    self.method = em.DiffusionEncoder(config, self.info.shape)
+    self.method = methods.get_method(config, self.info.shape)
     # Auto axes: XLA propagates the batch sharding through the step (no sharding-in-types)
     self.mesh = jax.make_mesh((jax.device_count(),), ("data",),
                               axis_types=(jax.sharding.AxisType.Auto,))
@@ -166,8 +166,8 @@ class Trainer:
         now = time.time()
         metrics["steps_per_s"] = (done - s_last) / (now - t_last)
         t_last, s_last = now, done
-        bar.set_postfix(gap=f"{metrics['gap']:.2f}", dec=f"{metrics['dec_loss_zK']:.0f}",
-                        sps=f"{metrics['steps_per_s']:.2f}")
+        bar.set_postfix({**{k: f"{metrics[k]:.3g}" for k in self.method.progress_keys},
+                         "sps": f"{metrics['steps_per_s']:.2f}"})
         self._log(writer, metrics_path, done, {"train/" + k: v for k, v in metrics.items()})
       if done % cfg.train.eval_every == 0 or done == cfg.train.num_steps:
         eval_metrics = test.evaluate(state)
@@ -212,6 +212,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   trainer = Trainer(config, workdir)
   mode = config.train.mode
   if mode == "train":
+    if jax.process_index() == 0:  # what `diffenc_jax.api` rebuilds the model from
+      with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json(indent=1))
     return trainer.train()
   state = trainer.restore_or_init(require=True)
   test = evaluate.HeldOut.load(config, trainer.method)

@@ -37,13 +37,13 @@ def save_reconstructions(held_out, state, path: str) -> None:
 
 
 def save_samples(method, state, config, path: str) -> None:
-  """A grid of decodes of z ~ N(0, I), the prior."""
+  """A grid of decodes of latents drawn from the method's prior."""
   params = state.eval_params(config.eval.use_ema)
 
   @jax.jit
   def sample(params, key):
     k_z, k_dec = jax.random.split(key)
-    z = jax.random.normal(k_z, (config.eval.num_images, method.latent_dim))
+    z = method.sample_latents(params, k_z, config.eval.num_images)
     return method.decode(params["decoder"], z, k_dec)
 
   x = sample(params, jax.random.key(config.seed + 4))
