@@ -48,12 +48,18 @@ def get_config() -> ml_collections.ConfigDict:
   model.unet_conditioning = "adagn"  # adagn | film | xattn
 
   # --- diffusion schedules ----------------------------------------------------------------
-  config.schedule = ml_collections.ConfigDict(dict(name="cosine"))  # latent (encoder) schedule
-  config.image_schedule = ml_collections.ConfigDict(dict(name="cosine"))  # diffusion decoder
+  # name: cosine | linear_logsnr; log-SNR λ runs from logsnr_max (t = 0) to logsnr_min (t = 1)
+  # latent (encoder) schedule: logsnr_max = 8 (σ_0 ≈ 0.018) resolves the code finely enough for
+  # reconstruction and keeps the diffusion-KL rate finite and meaningful for a near-deterministic
+  # encoder (at 15 its estimate ran to 10⁴–10⁵ nats, dominated by t → 0)
+  config.schedule = ml_collections.ConfigDict(
+      dict(name="cosine", logsnr_min=-15.0, logsnr_max=8.0))
+  config.image_schedule = ml_collections.ConfigDict(  # diffusion decoder
+      dict(name="cosine", logsnr_min=-15.0, logsnr_max=15.0))
 
   # --- encoder sampler: z⁰ ~ q_φ(·|x) by latent DDIM ---------------------------------------
   config.encoder_sampler = sampler = ml_collections.ConfigDict()
-  sampler.num_steps = 20
+  sampler.num_steps = 5  # the trained encoder is nearly deterministic: 5 steps read as 20
   sampler.eta = 1.0  # 0 = deterministic DDIM, 1 = ancestral (DDPM-like)
   sampler.clip = 5.0  # predicted z_0 clipped to ±clip
 
@@ -62,12 +68,12 @@ def get_config() -> ml_collections.ConfigDict:
   em.beta = 1.0  # posterior temperature: p(z) p(x|z)^(1/β)
   em.align_weight = 1.0  # λ_align: decoder loss on the encoder's own z⁰
   em.e_updates = 1  # E updates per round
-  em.m_updates = 1  # M updates per round
+  em.m_updates = 2  # M updates per round (the E-step's latents reused: cheap)
   em.encoder_inner_steps = 1  # encoder denoising updates per E-step on the same (x, z^K)
   em.encoder_noise_draws = 4  # (t, ε) draws per (x, z^K) pair in each encoder update
   em.prox_weight = 0.0  # λ_prox: ½ λ_prox ‖z − z⁰‖² added to U
   em.langevin = langevin = ml_collections.ConfigDict()
-  langevin.num_steps = 10
+  langevin.num_steps = 5
   langevin.step_rule = "gauss_newton"  # fixed | snr | gauss_newton
   langevin.step_size = 0.5
   langevin.max_move = 0.0  # fixed rule: per-example cap on the move's norm (0 = none)
@@ -76,6 +82,28 @@ def get_config() -> ml_collections.ConfigDict:
   langevin.refresh_precision = False  # gauss_newton: recompute H every step (else once at z⁰)
   langevin.mc_samples = 1  # diffusion decoder: (t, ε) draws per ∇U estimate
   em.eval_refine_steps = 10  # Langevin steps from z⁰ at evaluation time
+
+  # --- baselines (DESIGN.md §2; diffenc_jax/baselines.py) ----------------------------------
+  # vae: β is em.beta and the encoder GaussianEncoder(enc_channels, enc_features).
+  # diffenc_joint: no fields of its own (em.beta, em.encoder_noise_draws, encoder_sampler).
+  config.diffae = diffae = ml_collections.ConfigDict()
+  # semantic encoder: conv = DeterministicEncoder(model.enc_channels, model.enc_features),
+  # resnet = ResNetEncoder(resnet_*) (DiffAE's: 64, (1, 2, 4, 8, 8), 2 blocks, attention at 16)
+  diffae.encoder = "conv"  # conv | resnet
+  diffae.resnet_channels = 64
+  diffae.resnet_channel_mult = (1, 2, 4, 8, 8)
+  diffae.resnet_num_res_blocks = 2
+  diffae.resnet_attn_resolutions = (16,)
+  # latent DDPM prior over z (for sampling), trained alongside on stop_gradient(z)
+  diffae.prior_hidden = 256
+  diffae.prior_blocks = 3
+  diffae.prior_lr = 1e-3
+  diffae.prior_steps = 50  # latent DDIM steps when sampling z from the prior
+  diffae.prior_eta = 0.0  # 0 = deterministic DDIM, 1 = ancestral
+  config.dmz = dmz = ml_collections.ConfigDict()
+  dmz.temperature = 0.5  # relaxed-Bernoulli (Gumbel-sigmoid) temperature of the training codes
+  dmz.input_perturbation = 0.1  # DDPM-IP's γ in the decoder's ε-MSE
+  dmz.sample_steps = 10  # respaced image DDIM steps when decoding (reconstruction and samples)
 
   # --- optimisation -----------------------------------------------------------------------
   config.train = train = ml_collections.ConfigDict()

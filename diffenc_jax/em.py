@@ -218,9 +218,12 @@ class DiffusionEncoder:
   def latents(self, params, x: Array, key: Array,
               num_steps: int | None = None) -> dict[str, Array]:
     """z⁰ from the encoder and z^K after `num_steps` Langevin steps from it (the E-step's
-    em.langevin.num_steps by default), with the chain's diagnostics. No gradients."""
+    em.langevin.num_steps by default; num_steps=0: z^K = z⁰ and no diagnostics), with the
+    chain's diagnostics. No gradients."""
     k_enc, k_chain = jax.random.split(key)
     z0 = jax.lax.stop_gradient(self.encode(params["encoder"], x, k_enc))
+    if num_steps == 0:
+      return {"z0": z0, "zK": z0, "info": None}
     zk, info = self.posterior_sample(params, x, z0, k_chain, num_steps)
     return {"z0": z0, "zK": zk, "info": info}
 

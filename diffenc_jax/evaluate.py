@@ -86,28 +86,82 @@ class HeldOut:
             "rate_nats": mean["rate_nats"], "rate_bits": mean["rate_nats"] / math.log(2), **mean}
 
 
-def encode_splits(config, method, state, path: str, refine: bool = True) -> None:
-  """Writes z⁰ (and, with refine, E-step-refined z^K) of both splits with labels to .npz."""
-  params = state.eval_params(config.eval.use_ema)
+def split_latents(config, method, params, images: np.ndarray, key: jax.Array,
+                  refine: bool = True) -> tuple[np.ndarray, np.ndarray]:
+  """(z⁰, z^K) of images (N, ...) in batches of eval.batch_size; z^K = z⁰ without refine (or
+  for methods with no posterior refinement)."""
 
   @jax.jit
   def encode(x, key):
-    if not refine:
-      return (method.encode(params["encoder"], x, key),) * 2
-    lat = method.latents(params, x, key, config.em.eval_refine_steps)
+    lat = method.latents(params, x, key, config.em.eval_refine_steps if refine else 0)
     return lat["z0"], lat["zK"]
 
+  b = config.eval.batch_size
+  out = [jax.device_get(encode(images[i:i + b], jax.random.fold_in(key, i)))
+         for i in range(0, len(images), b)]
+  return np.concatenate([o[0] for o in out]), np.concatenate([o[1] for o in out])
+
+
+def encode_splits(config, method, state, path: str, refine: bool = True) -> None:
+  """Writes z⁰ (and, with refine, E-step-refined z^K) of both splits with labels to .npz."""
+  params = state.eval_params(config.eval.use_ema)
   out = {}
   for split in ("train", "test"):
     images, labels = data.load_eval_split(config.data, split)
-    b = config.eval.batch_size
-    z0s, zks = [], []
-    for i in range(0, len(images), b):
-      z0, zk = encode(images[i:i + b], jax.random.fold_in(jax.random.key(config.seed + 2), i))
-      z0s.append(np.asarray(z0))
-      zks.append(np.asarray(zk))
-    out[f"{split}_z0"] = np.concatenate(z0s)
+    z0, zk = split_latents(config, method, params, images, jax.random.key(config.seed + 2),
+                           refine)
+    out[f"{split}_z0"] = z0
     if refine:
-      out[f"{split}_zK"] = np.concatenate(zks)
+      out[f"{split}_zK"] = zk
     out[f"{split}_labels"] = labels
   np.savez(path, **out)
+
+
+def generate(method, params, n: int, key: jax.Array, batch_size: int) -> np.ndarray:
+  """n images decoded from latents drawn from the method's prior, in batches."""
+
+  @jax.jit
+  def sample(key):
+    k_z, k_dec = jax.random.split(key)
+    return method.decode(params["decoder"], method.sample_latents(params, k_z, batch_size),
+                         k_dec)
+
+  out = [jax.device_get(sample(jax.random.fold_in(key, i))) for i in range(0, n, batch_size)]
+  return np.concatenate(out)[:n]
+
+
+def decode_all(config, method, params, z: np.ndarray, key: jax.Array) -> np.ndarray:
+  """Decodes latents (N, d) in batches of eval.batch_size."""
+  decode = jax.jit(lambda z, key: method.decode(params["decoder"], z, key))
+  b = config.eval.batch_size
+  return np.concatenate([jax.device_get(decode(z[i:i + b], jax.random.fold_in(key, i)))
+                         for i in range(0, len(z), b)])
+
+
+def comparison_metrics(config, method, state, classifier_params) -> dict[str, float]:
+  """The held-out suite that the method comparison reports (`HeldOut.evaluate` plus):
+
+  probe_acc     logistic regression on z⁰ of the train split, accuracy on the held-out split;
+  recon_acc     the feature classifier's accuracy on held-out reconstructions from z⁰;
+  recon_fd      classifier Fréchet distance, held-out images vs their reconstructions;
+  sample_fd     classifier Fréchet distance, held-out images vs as many prior samples.
+  The classifier (`metrics.load_or_train_classifier`) is trained on the train split only.
+  """
+  from diffenc_jax import metrics  # sklearn and scipy: loaded only for the comparison
+
+  params = state.eval_params(config.eval.use_ema)
+  out = HeldOut.load(config, method).evaluate(state)
+  key = jax.random.key(config.seed + 5)
+  train_x, train_y = data.load_eval_split(config.data, "train")
+  test_x, test_y = data.load_eval_split(config.data, "test")
+  train_z, _ = split_latents(config, method, params, train_x, key, refine=False)
+  test_z, _ = split_latents(config, method, params, test_x, jax.random.fold_in(key, 1),
+                            refine=False)
+  out["probe_acc"] = metrics.linear_probe_accuracy(train_z, train_y, test_z, test_y)
+  recon = decode_all(config, method, params, test_z, jax.random.fold_in(key, 2))
+  out["recon_acc"] = metrics.classifier_accuracy(classifier_params, recon, test_y)
+  out["recon_fd"] = metrics.sample_frechet_distance(classifier_params, test_x, recon)
+  samples = generate(method, params, len(test_x), jax.random.fold_in(key, 3),
+                     config.eval.batch_size)
+  out["sample_fd"] = metrics.sample_frechet_distance(classifier_params, test_x, samples)
+  return out

@@ -22,6 +22,10 @@ import importlib
 # name → "module:Class"; imported lazily so that one method's dependencies never load another's
 _REGISTRY = {
     "diffenc": "diffenc_jax.em:DiffusionEncoder",
+    "diffenc_joint": "diffenc_jax.baselines:DiffusionEncoderJoint",
+    "vae": "diffenc_jax.baselines:VAE",
+    "diffae": "diffenc_jax.baselines:DiffAE",
+    "dmz": "diffenc_jax.baselines:DMZ",
 }
 METHODS = tuple(_REGISTRY)
 

@@ -61,13 +61,33 @@ def validate_config(config, num_devices: int | None = None) -> None:
   for name in ("schedule", "image_schedule"):
     check(config[name].name in schedules.SCHEDULES,
           f"unknown {name}.name {config[name].name!r}; choose one of {sorted(schedules.SCHEDULES)}")
-  lv = config.em.langevin
+  lv, langevin = config.em.langevin, config.method == "diffenc"  # only diffenc runs Langevin
   check(lv.step_rule in samplers.STEP_RULES,
         f"unknown em.langevin.step_rule {lv.step_rule!r}; choose one of {samplers.STEP_RULES}")
-  check(not (lv.step_rule == "gauss_newton" and m.decoder != "gaussian"),
+  check(not (langevin and lv.step_rule == "gauss_newton" and m.decoder != "gaussian"),
         "em.langevin.step_rule='gauss_newton' needs model.decoder='gaussian'")
-  check(not (lv.mala and (lv.step_rule == "snr" or lv.max_move > 0)),
+  check(not (langevin and lv.mala and (lv.step_rule == "snr" or lv.max_move > 0)),
         "em.langevin.mala needs step_rule 'fixed' without max_move, or 'gauss_newton'")
+  # baselines (diffenc_jax/baselines.py): each method's own section only
+  check(m.unet_conditioning in ("adagn", "film", "xattn"),
+        f"unknown model.unet_conditioning {m.unet_conditioning!r}; choose adagn, film or xattn")
+  check(config.method not in ("diffae", "dmz") or m.decoder == "diffusion",
+        f"method {config.method!r} needs model.decoder='diffusion'")
+  if config.method == "diffae":
+    dae = config.diffae
+    check(dae.encoder in ("conv", "resnet"),
+          f"unknown diffae.encoder {dae.encoder!r}; choose conv or resnet")
+    check(dae.encoder != "resnet" or config.data.name != "toy2d",
+          "diffae.encoder='resnet' needs image data")
+    check(dae.prior_steps >= 1, f"diffae.prior_steps must be >= 1, got {dae.prior_steps}")
+  if config.method == "dmz":
+    check(m.unet_conditioning == "xattn", "method 'dmz' feeds z as one cross-attention token: "
+          "needs model.unet_conditioning='xattn'")
+    check(config.dmz.temperature > 0, f"dmz.temperature must be > 0, got {config.dmz.temperature}")
+    check(config.dmz.input_perturbation >= 0,
+          f"dmz.input_perturbation must be >= 0, got {config.dmz.input_perturbation}")
+    check(config.dmz.sample_steps >= 1,
+          f"dmz.sample_steps must be >= 1, got {config.dmz.sample_steps}")
   check(config.em.beta > 0, f"em.beta must be > 0, got {config.em.beta}")
   for name in ("e_updates", "m_updates", "encoder_inner_steps", "encoder_noise_draws"):
     check(config.em[name] >= 1, f"em.{name} must be >= 1, got {config.em[name]}")
@@ -111,10 +131,15 @@ class Trainer:
     init = jax.jit(self.method.init_state, out_shardings=self.replicated)
     return init(jax.random.key(self.config.seed))
 
-  def restore_or_init(self, require: bool = False) -> em.TrainState:
-    """The newest checkpoint restored against the abstract state (shapes, dtypes and tree
-    structure must match exactly: never a silent partial restore), else a fresh state."""
-    step = self.checkpoints.latest_step()
+  def restore_or_init(self, require: bool = False, step: int | None = None) -> em.TrainState:
+    """The newest checkpoint (or checkpoint `step`) restored against the abstract state (shapes,
+    dtypes and tree structure must match exactly: never a silent partial restore), else a
+    fresh state."""
+    if step is None:
+      step = self.checkpoints.latest_step()
+    elif step not in self.checkpoints.all_steps():
+      raise UsageError(f"no checkpoint {step} in {self.workdir}/checkpoints; it holds steps "
+                       f"{sorted(self.checkpoints.all_steps())}")
     if step is None:
       if require:
         raise UsageError(f"no checkpoint in {self.workdir}/checkpoints to {self.config.train.mode}")

@@ -3,7 +3,7 @@
 from diffenc_jax.models.decoders import GaussianDecoder, UNetDecoder
 from diffenc_jax.models.encoders import (BernoulliEncoder, DeterministicEncoder, GaussianEncoder,
                                          ResNetEncoder, hard_bernoulli, relaxed_bernoulli)
-from diffenc_jax.models.latent_denoiser import LatentDenoiser
+from diffenc_jax.models.latent_denoiser import LatentDenoiser, LatentPrior
 
 __all__ = [
     "BernoulliEncoder",
@@ -11,6 +11,7 @@ __all__ = [
     "GaussianDecoder",
     "GaussianEncoder",
     "LatentDenoiser",
+    "LatentPrior",
     "ResNetEncoder",
     "UNetDecoder",
     "hard_bernoulli",

@@ -1,4 +1,5 @@
-"""The diffusion encoder's ε-network ε_φ(z_t, t, h(x)) over the latent z ∈ R^d."""
+"""Latent ε-networks over z ∈ R^d: the diffusion encoder's ε_φ(z_t, t, h(x)) and an
+unconditional ε(z_t, t) for a latent prior."""
 
 from __future__ import annotations
 
@@ -53,3 +54,23 @@ class LatentDenoiser(nn.Module):
   def __call__(self, z_t, t, x):
     """z_t (B, d), t (B,), x (B, H, W, C) or (B, D) → ε̂ (B, d)."""
     return self.denoise(z_t, t, self.features(x))
+
+
+class LatentPrior(nn.Module):
+  """Unconditional latent ε-prediction network ε(z_t, t): z_t (B, d), t (B,) → ε̂ (B, d).
+
+  The latent DDPM that DiffAE fits over its encoder's codes to sample them: LatentDenoiser's
+  residual MLP, FiLM-modulated by TimeEmbedding(t) alone (no image input), with the output
+  Dense zero-initialised.
+  """
+
+  latent_dim: int
+  hidden: int = 256
+  num_blocks: int = 3
+
+  @nn.compact
+  def __call__(self, z_t, t):
+    chex.assert_shape(z_t, (None, self.latent_dim))
+    chex.assert_shape(t, (z_t.shape[0],))
+    return ResidualMLP(self.hidden, self.num_blocks, self.latent_dim)(
+        z_t, TimeEmbedding(self.hidden)(t))

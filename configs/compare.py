@@ -1,0 +1,28 @@
+"""The method comparison: `python -m diffenc_jax.experiments.compare --config configs/compare.py`.
+
+Every method trains on mnist5k at latent_dim 16, batch 128 and the same number of rounds
+(`num_steps`, one optimiser update of each network per round) from its own config, for `seeds`
+seeds; then the held-out suite (`evaluate.comparison_metrics`) runs. A rate–distortion sweep
+trains diffenc and vae at each β of `rd_betas` (seed 0). Runs already finished in `workdir`
+are reused, so an interrupted comparison continues where it stopped.
+"""
+
+import ml_collections
+
+
+def get_config():
+  config = ml_collections.ConfigDict()
+  # method → the config module it trains with
+  config.methods = "diffenc,vae,diffae,dmz,diffenc_joint"
+  config.method_configs = ml_collections.ConfigDict(dict(
+      diffenc="configs.mnist", vae="configs.mnist_vae", diffae="configs.mnist_diffae",
+      dmz="configs.mnist_dmz", diffenc_joint="configs.mnist_joint"))
+  config.seeds = 3
+  config.num_steps = 1500  # training rounds of every method (the matched budget)
+  config.rd_methods = "diffenc,vae"
+  config.rd_betas = "0.25,1,4"  # β = 1 reuses the seed-0 run of the table
+  config.classifier_steps = 0  # feature classifier's training steps; 0 = its default
+  config.workdir = "runs/compare"
+  config.results = "benchmarks/results.md"
+  config.rd_plot = "benchmarks/rate_distortion.png"
+  return config

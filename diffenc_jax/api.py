@@ -1,0 +1,233 @@
+"""A trained model as an object: encode, decode, reconstruct, interpolate, sample.
+
+    model = Autoencoder.load("runs/mnist")                 # newest checkpoint of a workdir
+    z = model.encode(x)                                    # (B, d): the encoder's own z⁰
+    z = model.encode(x, refine_steps=10)                   # (B, d): z^K, E-step Langevin from z⁰
+    x_hat = model.decode(z)                                # (B, H, W, C) in [-1, 1]
+    path = model.interpolate(x[0], x[1], num=8)            # (8, H, W, C), slerp in latent space
+    xs = model.sample(16)                                  # (16, H, W, C) through the prior
+    model.save_grid(xs, "samples.png", rows=4)
+
+Images are NHWC float32 in [-1, 1], like `diffenc_jax.data` (uint8 p ↦ p / 127.5 − 1); numpy
+or jax arrays. Every random function takes a `key` that defaults to `jax.random.key(0)`, so
+repeated calls (and notebooks) give the same output. The functions are jitted once per input
+shape (and per `refine_steps`, `num`, `n`). `lerp` and `slerp` are pure and jittable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from diffenc_jax import train, visualize
+
+Array = jax.Array
+MODES = ("slerp", "lerp")
+# how far outside [-1, 1] an input image may reach before it is taken for a wrong range
+_RANGE_TOLERANCE = 1e-3
+
+
+def lerp(z_a: Array, z_b: Array, ts: Array) -> Array:
+  """(1 − t) z_a + t z_b for each t: z_a, z_b (..., d), ts (T,) → (T, ..., d)."""
+  z_a, z_b = jnp.asarray(z_a), jnp.asarray(z_b)
+  t = jnp.asarray(ts, z_a.dtype).reshape((-1,) + (1,) * z_a.ndim)
+  return z_a + t * (z_b - z_a)
+
+
+def slerp(z_a: Array, z_b: Array, ts: Array) -> Array:
+  """Spherical interpolation: the angle from z_a to z_b and the norm both move linearly in t.
+
+  z(t) = ((1 − t)‖z_a‖ + t‖z_b‖) (cos(tω) u + sin(tω) v), with u = z_a/‖z_a‖, ω the angle
+  between z_a and z_b, and v the unit vector orthogonal to u in the plane of z_a and z_b. For
+  endpoints of equal norm this is Shoemake's slerp and keeps the norm. (Anti)parallel endpoints
+  span no plane: v is then the coordinate axis least aligned with u, orthogonalised, so
+  parallel ones give a straight line and antiparallel ones a half great circle (not a path
+  through 0). z_a, z_b (..., d), ts (T,) → (T, ..., d).
+  """
+  z_a, z_b = jnp.asarray(z_a), jnp.asarray(z_b)
+  tiny = jnp.finfo(z_a.dtype).tiny
+  unit = lambda v: v / jnp.maximum(jnp.linalg.norm(v, axis=-1, keepdims=True), tiny)
+  r_a = jnp.linalg.norm(z_a, axis=-1, keepdims=True)
+  r_b = jnp.linalg.norm(z_b, axis=-1, keepdims=True)
+  u, b = unit(z_a), unit(z_b)
+  cos = jnp.sum(u * b, -1, keepdims=True)
+  perp = b - cos * u
+  sin = jnp.linalg.norm(perp, axis=-1, keepdims=True)
+  # no plane: any direction orthogonal to u; the least aligned axis is the best conditioned
+  axis = jax.nn.one_hot(jnp.argmin(jnp.abs(u), -1), u.shape[-1], dtype=u.dtype)
+  fallback = unit(axis - jnp.sum(axis * u, -1, keepdims=True) * u)
+  v = jnp.where(sin > 1e-6, perp / jnp.maximum(sin, tiny), fallback)
+  omega = jnp.arctan2(sin, cos)
+  t = jnp.asarray(ts, z_a.dtype).reshape((-1,) + (1,) * z_a.ndim)
+  return ((1 - t) * r_a + t * r_b) * (jnp.cos(t * omega) * u + jnp.sin(t * omega) * v)
+
+
+class Autoencoder:
+  """A trained method with its parameters; build it with `Autoencoder.load(workdir)`.
+
+  Attributes: `config` (the run's ConfigDict), `method` (`diffenc_jax.methods` interface),
+  `params` (the restored raw or EMA parameters), `step` (training rounds of the checkpoint),
+  `use_ema`, `data_shape` (per example, e.g. (28, 28, 1)) and `latent_dim` (d).
+  """
+
+  def __init__(self, config, method, params, step: int, use_ema: bool):
+    self.config, self.method, self.params = config, method, params
+    self.step, self.use_ema = int(step), bool(use_ema)
+    self.data_shape, self.latent_dim = tuple(method.data_shape), int(method.latent_dim)
+    self._encode = jax.jit(self._encode_fn, static_argnums=3)
+    self._decode = jax.jit(self._decode_fn)
+    self._interpolate = jax.jit(self._interpolate_fn, static_argnums=4)
+    self._sample_latents = jax.jit(method.sample_latents, static_argnums=2)
+
+  @classmethod
+  def load(cls, workdir: str, use_ema: bool | None = None,
+           step: int | None = None) -> "Autoencoder":
+    """The model trained in `workdir` (by `train.train_and_evaluate` or main.py): its
+    config.json and its newest checkpoint, or checkpoint `step`. `use_ema=None` takes the
+    run's `config.eval.use_ema`. The model is rebuilt by `train.Trainer`, which reads the
+    run's dataset description (`data.get_info`): that dataset must be available here too.
+    Raises train.UsageError (one line) when the workdir, its config or the checkpoint is
+    missing or does not match."""
+    workdir = os.path.abspath(os.fspath(workdir))
+    config_path = os.path.join(workdir, "config.json")
+    if not os.path.isdir(workdir):
+      raise train.UsageError(f"no trained model in {workdir}: no such directory")
+    if not os.path.isfile(config_path):
+      raise train.UsageError(f"no trained model in {workdir}: no config.json (train mode "
+                             f"writes it there)")
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+      raise train.UsageError(f"no trained model in {workdir}: no checkpoints/ folder")
+    try:
+      with open(config_path) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    except ValueError as e:
+      raise train.UsageError(f"unreadable {config_path}: {e}") from None
+    try:
+      trainer = train.Trainer(config, workdir)
+    except train.UsageError:
+      raise
+    except (ValueError, KeyError, AttributeError) as e:  # a data config this machine lacks
+      raise train.UsageError(f"cannot rebuild the model of {workdir}: "
+                             f"{str(e).splitlines()[0] if str(e) else repr(e)}") from e
+    try:
+      if step is None and trainer.checkpoints.latest_step() is None:
+        raise train.UsageError(f"no trained model in {workdir}: checkpoints/ is empty")
+      state = trainer.restore_or_init(require=True, step=step)
+    finally:
+      trainer.checkpoints.close()
+    use_ema = config.eval.use_ema if use_ema is None else use_ema
+    return cls(config, trainer.method, state.eval_params(use_ema), int(state.step), use_ema)
+
+  def __repr__(self):
+    return (f"Autoencoder(method={self.config.method!r}, data_shape={self.data_shape}, "
+            f"latent_dim={self.latent_dim}, step={self.step}, use_ema={self.use_ema})")
+
+  # --- pure functions of the parameters (jitted in __init__) ----------------------------
+  def _encode_fn(self, params, x, key, refine_steps):
+    # z⁰ is the chain's start, so encode(x, k) is the z⁰ that encode(x, k, K) refines; with
+    # refine_steps=0 the one traced Langevin step is dead code, removed by XLA
+    lat = self.method.latents(params, x, key, max(refine_steps, 1))
+    return lat["zK"] if refine_steps else lat["z0"]
+
+  def _decode_fn(self, params, z, key):
+    x = self.method.decode(params["decoder"], z, key)
+    # the data's range: a gaussian decoder's mean is unbounded (evaluation clips it too)
+    return jnp.clip(x, -1.0, 1.0) if len(self.data_shape) == 3 else x
+
+  def _interpolate_fn(self, params, z_a, z_b, key, num, use_slerp):
+    # both paths are cheap: a traced choice compiles the decoder once for both modes
+    ts = jnp.linspace(0.0, 1.0, num)
+    path = jnp.where(use_slerp, slerp(z_a, z_b, ts), lerp(z_a, z_b, ts))
+    # every point decoded as decode(z[None], key): one shared decoder noise along the path
+    return jax.vmap(lambda z: self._decode_fn(params, z[None], key)[0])(path)
+
+  # --- checks at the public boundary ------------------------------------------------------
+  def _images(self, x, name: str = "x") -> Array:
+    x = jnp.asarray(x, jnp.float32)
+    if x.shape[1:] != self.data_shape:
+      raise ValueError(f"{name} must have shape (B, {', '.join(map(str, self.data_shape))}), "
+                       f"got {x.shape}")
+    if len(self.data_shape) == 3 and x.size:
+      lo, hi = float(jnp.min(x)), float(jnp.max(x))
+      if lo < -1 - _RANGE_TOLERANCE or hi > 1 + _RANGE_TOLERANCE:
+        raise ValueError(f"{name} must be images in [-1, 1] like the training data (uint8 p ↦ "
+                         f"p / 127.5 − 1), got values in [{lo:.3g}, {hi:.3g}]")
+    return x
+
+  def _one(self, x, name: str) -> Array:
+    """One example, (...) or (1, ...), as a batch (1, ...)."""
+    x = jnp.asarray(x, jnp.float32)
+    if x.shape == self.data_shape:
+      x = x[None]
+    if x.shape != (1,) + self.data_shape:
+      raise ValueError(f"{name} must be one example, {self.data_shape} or "
+                       f"{(1,) + self.data_shape}, got {x.shape}")
+    return x
+
+  def _latents(self, z, name: str = "z") -> Array:
+    z = jnp.asarray(z, jnp.float32)
+    if z.ndim != 2 or z.shape[1] != self.latent_dim:
+      raise ValueError(f"{name} must have shape (B, {self.latent_dim}), got {z.shape}")
+    return z
+
+  @staticmethod
+  def _key(key) -> Array:
+    return jax.random.key(0) if key is None else key
+
+  # --- the API ----------------------------------------------------------------------------
+  def encode(self, x, key: Array | None = None, refine_steps: int = 0) -> Array:
+    """Latents (B, d) of images x (B, H, W, C): the encoder's own sample z⁰ ~ q(z|x), or with
+    refine_steps = K > 0 the E-step's z^K after K Langevin steps from that z⁰ on the
+    decoder's posterior (`method.latents`)."""
+    if not isinstance(refine_steps, (int, np.integer)) or refine_steps < 0:
+      raise ValueError(f"refine_steps must be an int >= 0, got {refine_steps!r}")
+    return self._encode(self.params, self._images(x), self._key(key), int(refine_steps))
+
+  def decode(self, z, key: Array | None = None) -> Array:
+    """Images (B, H, W, C) in [-1, 1] decoded from latents z (B, d): the gaussian decoder's
+    mean, or a DDIM sample of the diffusion decoder (config.eval.decoder_steps steps) drawn
+    with key; clipped to [-1, 1] (2-D points are returned as decoded)."""
+    return self._decode(self.params, self._latents(z), self._key(key))
+
+  def reconstruct(self, x, key: Array | None = None, refine_steps: int = 0) -> Array:
+    """decode(encode(x, key, refine_steps), key): images (B, H, W, C) → (B, H, W, C)."""
+    return self.decode(self.encode(x, key, refine_steps), key)
+
+  def interpolate(self, x_a, x_b, num: int = 8, mode: str = "slerp",
+                  key: Array | None = None) -> Array:
+    """Images (num, H, W, C) decoded along the latent path from encode(x_a) to encode(x_b).
+
+    x_a, x_b: one image each, (H, W, C) or (1, H, W, C), encoded with the same key. The path
+    is `slerp` or `lerp` at num evenly spaced t ∈ [0, 1]; each point z is decoded as
+    decode(z[None], key), so the first and last images are decode(encode(x_a, key), key) and
+    decode(encode(x_b, key), key)."""
+    if mode not in MODES:
+      raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
+    if not isinstance(num, (int, np.integer)) or num < 2:
+      raise ValueError(f"num must be an int >= 2, got {num!r}")
+    key = self._key(key)
+    z_a, z_b = (self.encode(self._one(x, name), key) for x, name in ((x_a, "x_a"), (x_b, "x_b")))
+    return self._interpolate(self.params, z_a[0], z_b[0], key, int(num), mode == "slerp")
+
+  def sample(self, n: int, key: Array | None = None) -> Array:
+    """n images (n, H, W, C) decoded from latents of the method's prior (`sample_latents`)."""
+    if not isinstance(n, (int, np.integer)) or n < 1:
+      raise ValueError(f"n must be an int >= 1, got {n!r}")
+    k_z, k_dec = jax.random.split(self._key(key))
+    return self.decode(self._sample_latents(self.params, k_z, int(n)), k_dec)
+
+  @staticmethod
+  def save_grid(images, path: str, rows: int | None = None) -> str:
+    """Writes images (N, H, W, C) in [-1, 1] as one PNG grid of `rows` rows (default ≈ √N)
+    and returns path."""
+    images = np.asarray(images)
+    if images.ndim != 4:
+      raise ValueError(f"images must have shape (N, H, W, C), got {images.shape}")
+    rows = rows or max(1, int(np.sqrt(len(images))))
+    visualize.save_png(visualize.image_grid(images, rows=rows), os.fspath(path))
+    return os.fspath(path)

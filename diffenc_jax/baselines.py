@@ -1,0 +1,357 @@
+"""The baselines of DESIGN.md §2, behind the method interface of `diffenc_jax.methods`.
+
+    vae            Gaussian encoder, reparameterised; NLL + β KL
+    diffae         deterministic encoder, z-conditioned U-Net (AdaGN); ε-MSE through z;
+                   a latent DDPM prior fitted alongside on the detached codes
+    dmz            d Bernoulli bits (relaxed in training, hard at eval), one cross-attention
+                   token; ε-MSE with DDPM-IP input perturbation; prior Bernoulli(½)^d
+    diffenc_joint  the diffusion encoder trained by one loss through its DDIM chain (the
+                   ablation of EM)
+
+Each is trained by one loss over all its parameters, one joint update per batch
+(`OneLossMethod`). vae, diffae and dmz (`Autoencoder`) use the decoder half of
+`em.DiffusionEncoder` itself (decoder networks, NLL, image sampler), so that every method
+runs the same decoders and differs only in its encoder and training.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from diffenc_jax import em, losses, models, samplers
+
+Array = jax.Array
+DIFFAE_ENCODERS = ("conv", "resnet")
+
+
+class OneLossMethod:
+  """Mixin: a method trained by one scalar loss over every parameter group, without posterior
+  refinement.
+
+  A subclass sets `self.config` and `self.optimizers` ({group: optax transformation}, one per
+  key of `params`) and defines `loss(params, x, key) -> (scalar, metrics)` and
+  `encode(enc_params, x, key) -> z (B, d)`.
+  """
+
+  progress_keys = ("loss",)
+
+  def apply_gradients(self, state: em.TrainState, grads) -> em.TrainState:
+    """One step of each group's optimiser (own clipping and Adam state), then the EMA."""
+    params, opt_state = {}, {}
+    for name, opt in self.optimizers.items():
+      updates, opt_state[name] = opt.update(grads[name], state.opt_state[name],
+                                            state.params[name])
+      params[name] = optax.apply_updates(state.params[name], updates)
+    return state.replace(params=params, opt_state=opt_state,
+                         ema=em.ema_update(state.ema, params, self.config.train.ema_decay))
+
+  def update(self, state: em.TrainState, x: Array, key: Array):
+    """One joint update on a batch x (B, ...): returns (state, metrics)."""
+    (_, metrics), grads = jax.value_and_grad(self.loss, has_aux=True)(state.params, x, key)
+    return self.apply_gradients(state, grads), metrics
+
+  def train_round(self, state: em.TrainState, xs: Array, key: Array):
+    """One joint update per batch of xs (E, B, ...). Returns (state with step + 1, the
+    metrics averaged over the batches)."""
+    # E = em.e_updates is a small config integer: a trace-time loop, as in em.py (XLA:CPU
+    # runs a conv net inside a loop body about twice as slowly as at top level)
+    metrics = []
+    for i in range(xs.shape[0]):
+      state, m = self.update(state, xs[i], jax.random.fold_in(key, i))
+      metrics.append(m)
+    mean = jax.tree.map(lambda *v: jnp.mean(jnp.stack(v)), *metrics)
+    return state.replace(step=state.step + 1), mean
+
+  def latents(self, params, x: Array, key: Array,
+              num_steps: int | None = None) -> dict[str, Array]:
+    """{"z0": encode(x), "zK": z0 (no posterior refinement), "info": None}; `num_steps`
+    (diffenc's refinement steps) is ignored. No gradients."""
+    del num_steps
+    z0 = jax.lax.stop_gradient(self.encode(params["encoder"], x, key))
+    return {"z0": z0, "zK": z0, "info": None}
+
+
+class Autoencoder(OneLossMethod):
+  """Base of vae, diffae and dmz: an encoder network `self.encoder` (built by the subclass,
+  applied as encoder.apply(params, x)) and the diffusion encoder's decoder half."""
+
+  def __init__(self, config, data_shape: tuple[int, ...]):
+    self.config = config
+    self.data_shape = tuple(data_shape)
+    self.latent_dim = config.model.latent_dim
+    # the decoder half of the diffusion encoder, shared rather than copied: the same decoder
+    # network, NLL, initialisation, image sampler and optimisers (its latent denoiser is unused)
+    self.diffenc = em.DiffusionEncoder(config, self.data_shape)
+    self.decoder = self.diffenc.decoder
+    self.schedule = self.diffenc.schedule
+    self.image_schedule = self.diffenc.image_schedule
+    self.optimizers = {"encoder": self.diffenc.enc_opt, "decoder": self.diffenc.dec_opt}
+
+  def init_params(self, key: Array) -> dict:
+    k_enc, k_dec = jax.random.split(key)
+    # the diffusion encoder's own initialisation; under jit its unused encoder half is dropped
+    dec = self.diffenc.init_state(k_dec).params["decoder"]
+    return {"encoder": self.encoder.init(k_enc, jnp.zeros((1,) + self.data_shape)),
+            "decoder": dec}
+
+  def init_state(self, key: Array) -> em.TrainState:
+    params = self.init_params(key)
+    opt_state = {name: opt.init(params[name]) for name, opt in self.optimizers.items()}
+    return em.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
+                         ema=jax.tree.map(jnp.copy, params))
+
+  def decode(self, dec_params, z: Array, key: Array, num_steps: int | None = None) -> Array:
+    """x̂ (B, ...) from z (B, d): the gaussian decoder's mean, or an image DDIM sample with
+    `num_steps` (config.eval.decoder_steps by default) for the diffusion decoder."""
+    return self.diffenc.decode(dec_params, z, key, num_steps)
+
+  def eps_mse(self, dec_params, x: Array, z: Array, key: Array,
+              input_perturbation: float = 0.0) -> Array:
+    """Unit-weighted ε-MSE of the diffusion decoder on (x, z), dropout on, per example (B,);
+    `input_perturbation` is DDPM-IP's γ."""
+    k_loss, k_drop = jax.random.split(key)
+    return losses.denoising_loss(self.diffenc.decoder_eps_fn(dec_params, z, True, k_drop), x,
+                                 k_loss, self.image_schedule,
+                                 input_perturbation=input_perturbation)
+
+  def sample_latents(self, params, key: Array, n: int) -> Array:
+    """n latents (n, d) from the prior N(0, I)."""
+    del params
+    return jax.random.normal(key, (n, self.latent_dim))
+
+
+class VAE(Autoencoder):
+  """β-VAE: q(z|x) = N(μ(x), diag e^{log_var(x)}) by `GaussianEncoder(enc_channels,
+  enc_features)`, the decoder of config.model.decoder, the prior N(0, I).
+
+  Loss, batch mean of  NLL_θ(x | z) + β KL(q(z|x) ‖ N(0, I)),  z = μ + e^{log_var/2} ε
+  (reparameterised, one draw), KL analytic, β = config.em.beta (the diffusion encoder's
+  posterior temperature: both then target E_q log p(x|z) − β KL). NLL is exact for the gaussian
+  decoder (σ = model.sigma_x) and the continuous-time ELBO bound (em.langevin.mc_samples draws,
+  no dropout) for the diffusion decoder, so that β weighs nats against nats.
+
+  `rate` is the analytic KL per example. `latents()["z0"]` and `encode` return the posterior
+  mean μ(x), not a sample: reconstruction PSNR and linear probes of a VAE are, by common
+  practice, read from the mean, which is its best single code.
+  """
+
+  progress_keys = ("nll", "kl")
+  rate_kind = "analytic KL"
+
+  def __init__(self, config, data_shape: tuple[int, ...]):
+    super().__init__(config, data_shape)
+    m = config.model
+    self.encoder = models.GaussianEncoder(m.latent_dim, tuple(m.enc_channels), m.enc_features)
+
+  def encode(self, enc_params, x: Array, key: Array | None = None,
+             num_steps: int | None = None) -> Array:
+    """The posterior mean μ(x) (B, d)."""
+    del key, num_steps
+    return self.encoder.apply(enc_params, x)[0]
+
+  def loss(self, params, x: Array, key: Array):
+    k_z, k_nll = jax.random.split(key)
+    mean, log_var = self.encoder.apply(params["encoder"], x)
+    out = losses.vae_loss(lambda z: self.diffenc.nll(params["decoder"], x, z, k_nll), mean,
+                          log_var, k_z, self.config.em.beta)
+    return out["loss"].mean(), {"loss": out["loss"].mean(), "nll": out["nll"].mean(),
+                                "kl": out["kl"].mean()}
+
+  def rate(self, params, x: Array, z0: Array, key: Array, num_samples: int) -> Array:
+    """KL(q(z|x) ‖ N(0, I)) per example (B,), nats, in closed form."""
+    del z0, key, num_samples
+    return losses.gaussian_kl(*self.encoder.apply(params["encoder"], x))
+
+
+class DiffAE(Autoencoder):
+  """Diffusion autoencoder (Preechakul et al. 2022): a deterministic encoder z = E(x)
+  (DeterministicEncoder, or ResNetEncoder with config.diffae.encoder='resnet'), the
+  z-conditioned U-Net decoder (model.unet_conditioning, AdaGN in DiffAE), and a latent DDPM
+  prior `LatentPrior` over z for sampling.
+
+  Loss, batch mean of
+      ‖ε − ε_θ(x_t, t, E_φ(x))‖²            (unit-weighted ε-MSE, gradient through z into φ)
+    + ‖ε' − ε_ψ(z_t, t)‖²,  z_t from stop_gradient(E_φ(x))   (the prior's own ε-MSE)
+  with θ, φ and ψ ('prior', own optimiser at diffae.prior_lr) updated in one step. DiffAE
+  fits the latent DDPM afterwards, on the codes of the trained, frozen encoder; training it on
+  detached codes in the same step is equivalent in that no gradient of the prior's loss
+  reaches the autoencoder (and the prior's loss does not depend on θ), so the autoencoder
+  trains exactly as DiffAE's, while the prior tracks its moving codes and is ready at any
+  checkpoint. DiffAE also standardises z with dataset statistics before fitting the prior;
+  here the raw codes are fitted and the prior's DDIM does not clip them.
+
+  `rate` is +∞ (a deterministic encoder carries unbounded information about x);
+  `sample_latents` runs latent DDIM of the prior (diffae.prior_steps, diffae.prior_eta);
+  `decode` is image DDIM with config.eval.decoder_steps.
+  """
+
+  progress_keys = ("eps_mse", "prior_loss")
+  rate_kind = "∞ (deterministic)"
+
+  def __init__(self, config, data_shape: tuple[int, ...]):
+    super().__init__(config, data_shape)
+    m, d, t = config.model, config.diffae, config.train
+    if d.encoder not in DIFFAE_ENCODERS:
+      raise ValueError(f"unknown diffae.encoder {d.encoder!r}; choose one of {DIFFAE_ENCODERS}")
+    if d.encoder == "resnet":
+      self.encoder = models.ResNetEncoder(
+          m.latent_dim, channels=d.resnet_channels, channel_mult=tuple(d.resnet_channel_mult),
+          num_res_blocks=d.resnet_num_res_blocks,
+          attn_resolutions=tuple(d.resnet_attn_resolutions))
+    else:
+      self.encoder = models.DeterministicEncoder(m.latent_dim, tuple(m.enc_channels),
+                                                 m.enc_features)
+    self.prior = models.LatentPrior(m.latent_dim, hidden=d.prior_hidden,
+                                    num_blocks=d.prior_blocks)
+    self.optimizers["prior"] = em.make_optimizer(d.prior_lr, t.warmup_steps, t.grad_clip)
+
+  def init_params(self, key: Array) -> dict:
+    k_ae, k_prior = jax.random.split(key)
+    z = jnp.zeros((1, self.latent_dim))
+    return {**super().init_params(k_ae),
+            "prior": self.prior.init(k_prior, z, jnp.zeros((1,)))}
+
+  def encode(self, enc_params, x: Array, key: Array | None = None,
+             num_steps: int | None = None) -> Array:
+    """z = E_φ(x) (B, d)."""
+    del key, num_steps
+    return self.encoder.apply(enc_params, x)
+
+  def prior_eps_fn(self, prior_params):
+    return lambda z_t, t: self.prior.apply(prior_params, z_t, t)
+
+  def prior_loss(self, prior_params, z: Array, key: Array) -> Array:
+    """The latent prior's unit-weighted ε-MSE on stop_gradient(z) (B, d), per example (B,)."""
+    return losses.denoising_loss(self.prior_eps_fn(prior_params), jax.lax.stop_gradient(z), key,
+                                 self.schedule)
+
+  def loss(self, params, x: Array, key: Array):
+    k_dec, k_prior = jax.random.split(key)
+    z = self.encode(params["encoder"], x)
+    eps_mse = self.eps_mse(params["decoder"], x, z, k_dec).mean()
+    prior_loss = self.prior_loss(params["prior"], z, k_prior).mean()
+    return eps_mse + prior_loss, {"eps_mse": eps_mse, "prior_loss": prior_loss,
+                                  "z_norm2": jnp.mean(jnp.sum(jnp.square(z), -1))}
+
+  def rate(self, params, x: Array, z0: Array, key: Array, num_samples: int) -> Array:
+    """+∞ per example (B,): the encoder is deterministic."""
+    del params, z0, key, num_samples
+    return jnp.full((x.shape[0],), jnp.inf)
+
+  def sample_latents(self, params, key: Array, n: int) -> Array:
+    """n latents (n, d) from the latent DDPM prior, by latent DDIM."""
+    d = self.config.diffae
+    return samplers.latent_ddim(self.prior_eps_fn(params["prior"]), key, (n, self.latent_dim),
+                                self.schedule, d.prior_steps, eta=d.prior_eta)
+
+
+class DMZ(Autoencoder):
+  """DMZ (arXiv 2506.00136) as its authors built it: z = d bits of `BernoulliEncoder` logits,
+  fed to the U-Net as one cross-attention token (model.unet_conditioning='xattn').
+
+  Training codes are soft: z = sigmoid((logits + L)/τ), L ~ Logistic(0, 1) (binary concrete,
+  τ = dmz.temperature), strictly inside (0, 1) and differentiable; evaluation codes are hard,
+  z = 1[logits > 0] ∈ {0, 1}^d. Loss, batch mean of the unit-weighted ε-MSE with DDPM-IP input
+  perturbation (γ = dmz.input_perturbation):
+      ‖ε − ε_θ(α_t x + σ_t (ε + γ ξ), t, z)‖²,
+  gradient through the relaxed z into the encoder; no prior or rate term. The prior is
+  Bernoulli(½)^d, so `rate` is d ln 2 per example (what d bits can carry at most); `decode`
+  and generation use respaced few-step DDIM (dmz.sample_steps).
+  """
+
+  progress_keys = ("eps_mse", "bits_on")
+  rate_kind = "d ln 2 (bits)"
+
+  def __init__(self, config, data_shape: tuple[int, ...]):
+    super().__init__(config, data_shape)
+    m = config.model
+    self.encoder = models.BernoulliEncoder(m.latent_dim, tuple(m.enc_channels), m.enc_features)
+
+  def code(self, enc_params, x: Array, key: Array | None = None, train: bool = False) -> Array:
+    """The bits z (B, d) of x: relaxed (in (0, 1), needs key) if train, else hard {0, 1}."""
+    logits = self.encoder.apply(enc_params, x)
+    if train:
+      return models.relaxed_bernoulli(key, logits, self.config.dmz.temperature)
+    return models.hard_bernoulli(logits)
+
+  def encode(self, enc_params, x: Array, key: Array | None = None,
+             num_steps: int | None = None) -> Array:
+    """Hard bits 1[logits > 0] (B, d)."""
+    del key, num_steps
+    return self.code(enc_params, x)
+
+  def loss(self, params, x: Array, key: Array):
+    k_code, k_dec = jax.random.split(key)
+    z = self.code(params["encoder"], x, k_code, train=True)
+    eps_mse = self.eps_mse(params["decoder"], x, z, k_dec,
+                           self.config.dmz.input_perturbation).mean()
+    return eps_mse, {"eps_mse": eps_mse, "bits_on": jnp.mean(z)}
+
+  def rate(self, params, x: Array, z0: Array, key: Array, num_samples: int) -> Array:
+    """d ln 2 per example (B,), nats."""
+    del params, z0, key, num_samples
+    return jnp.full((x.shape[0],), self.latent_dim * math.log(2.0))
+
+  def sample_latents(self, params, key: Array, n: int) -> Array:
+    """n codes (n, d) from the prior Bernoulli(½)^d."""
+    del params
+    return jax.random.bernoulli(key, 0.5, (n, self.latent_dim)).astype(jnp.float32)
+
+  def decode(self, dec_params, z: Array, key: Array, num_steps: int | None = None) -> Array:
+    """x̂ (B, ...) by respaced image DDIM, dmz.sample_steps steps unless given."""
+    return super().decode(dec_params, z, key, num_steps or self.config.dmz.sample_steps)
+
+
+class DiffusionEncoderJoint(OneLossMethod, em.DiffusionEncoder):
+  """Ablation of EM: the diffusion encoder and its decoder trained by one loss, the decoder's
+  pressure reaching φ by backpropagation through the latent DDIM chain z⁰ = DDIM_φ(x, noise).
+
+  Loss, batch mean of
+      NLL_θ(x | z⁰) + β ½‖z⁰‖²  +  L_enc(φ; x, stop_gradient(z⁰)),
+  with z⁰ differentiable in φ through every sampler step, θ and φ updated in one step.
+  The first two terms are β·U(z⁰), the energy U = NLL/β − log p(z) + const that the E-step's
+  Langevin chain descends (DESIGN.md §1), here descended by φ through the sampler instead of
+  by z; the last is the encoder's own denoising loss (em.encoder_noise_draws draws), which EM
+  applies on z^K and which here, with no refinement, applies on the encoder's own sample. This
+  is "one loss, gradient through the DDIM chain" (DESIGN.md §2) with everything else equal to
+  EM: same U, β, networks and encoder loss, and the opposing pulls — the decoder's pressure
+  through the chain and the denoising update — meet in one gradient instead of alternating.
+  The decoder sees the same U: the exact NLL for the gaussian decoder, the ELBO bound (not the
+  M-step's unit ε-MSE) for the diffusion decoder.
+
+  Not β·R_φ with the diffusion-KL estimate R: R estimates KL(q_φ ‖ N(0, I)) only while ε_φ is
+  the score of its own samples, and minimising it over ε_φ (whether the sample is detached or
+  not) fits ε_φ towards the prior's score σ_t z_t rather than moving the samples; it stays the
+  evaluation-time `rate`, as for diffenc. What the loss lacks is the entropy of π_β, which
+  EM's Langevin noise supplies; that difference is part of what the ablation measures.
+
+  `latents()` returns z^K = z⁰ (no Langevin); `rate` and `encode` are diffenc's.
+  """
+
+  progress_keys = ("nll", "enc_loss")
+
+  def __init__(self, config, data_shape: tuple[int, ...]):
+    super().__init__(config, data_shape)
+    self.optimizers = {"encoder": self.enc_opt, "decoder": self.dec_opt}
+
+  def chain_energy(self, params, x: Array, key: Array) -> tuple[Array, Array]:
+    """(β·U(z⁰) = NLL_θ(x|z⁰) + β ½‖z⁰‖² per example (B,), z⁰ (B, d)), with z⁰ the encoder's
+    DDIM sample, differentiable in params['encoder'] through the chain."""
+    k_enc, k_nll = jax.random.split(key)
+    z0 = self.encode(params["encoder"], x, k_enc)
+    energy = (self.nll(params["decoder"], x, z0, k_nll)
+              + self.config.em.beta * 0.5 * jnp.sum(jnp.square(z0), -1))
+    return energy, z0
+
+  def loss(self, params, x: Array, key: Array):
+    k_chain, k_enc = jax.random.split(key)
+    energy, z0 = self.chain_energy(params, x, k_chain)
+    enc_loss = self.encoder_loss(params["encoder"], x, jax.lax.stop_gradient(z0), k_enc)
+    z0_norm2 = jnp.mean(jnp.sum(jnp.square(z0), -1))
+    nll = energy.mean() - self.config.em.beta * 0.5 * z0_norm2
+    return energy.mean() + enc_loss, {"loss": energy.mean() + enc_loss, "nll": nll,
+                                      "enc_loss": enc_loss, "z0_norm2": z0_norm2}

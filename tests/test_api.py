@@ -1,0 +1,149 @@
+"""The user API: a model trained by `train_and_evaluate` loads from its workdir, and encode,
+decode, reconstruct, interpolate and sample agree with one another; lerp/slerp geometry."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import tiny
+from diffenc_jax import api, data, train
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  """Two training rounds of the tiny config."""
+  workdir = str(tmp_path_factory.mktemp("api_run"))
+  config = tiny.get_config()
+  config.train.num_steps = 2
+  train.train_and_evaluate(config, workdir)
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def model(workdir):
+  return api.Autoencoder.load(workdir)
+
+
+@pytest.fixture(scope="module")
+def images():
+  x, _ = data.load_eval_split(tiny.get_config().data, "test", max_examples=4)
+  return x
+
+
+# --- lerp / slerp: pure geometry ---------------------------------------------------------------
+
+
+def test_lerp_and_slerp_endpoints_and_shapes():
+  keys = jax.random.split(jax.random.key(1), 2)
+  a, b = (jax.random.normal(k, (3, 5)) for k in keys)  # a batch of 3 pairs, d = 5
+  b = 2.5 * b  # unequal norms
+  ts = jnp.linspace(0.0, 1.0, 7)
+  for path_fn in (api.lerp, api.slerp):
+    path = path_fn(a, b, ts)
+    assert path.shape == (7, 3, 5)
+    np.testing.assert_allclose(path[0], a, atol=1e-6)
+    np.testing.assert_allclose(path[-1], b, atol=1e-5)
+  np.testing.assert_allclose(api.lerp(a, b, jnp.array([0.25]))[0], 0.75 * a + 0.25 * b,
+                             atol=1e-6)
+
+
+def test_slerp_geometry():
+  ts = jnp.linspace(0.0, 1.0, 9)
+  # equal norms: the norm stays, and the angle moves linearly
+  a, b = jax.random.normal(jax.random.key(2), (2, 16))
+  a, b = 3.0 * a / jnp.linalg.norm(a), 3.0 * b / jnp.linalg.norm(b)
+  path = api.slerp(a, b, ts)
+  np.testing.assert_allclose(jnp.linalg.norm(path, axis=-1), 3.0, rtol=1e-5)
+  omega = jnp.arccos(jnp.dot(a, b) / 9.0)
+  np.testing.assert_allclose(jnp.arccos(jnp.clip(path @ a / 9.0, -1, 1)), ts * omega, atol=1e-3)
+  # orthogonal unit vectors: the midpoint is (a + b)/√2
+  e1, e2 = jnp.eye(4)[0], jnp.eye(4)[2]
+  np.testing.assert_allclose(api.slerp(e1, e2, jnp.array([0.5]))[0], (e1 + e2) / np.sqrt(2),
+                             atol=1e-6)
+  # parallel: the straight line; antiparallel: a half circle of constant norm, not through 0
+  np.testing.assert_allclose(api.slerp(a, 2 * a, ts), api.lerp(a, 2 * a, ts), rtol=1e-5,
+                             atol=1e-5)
+  anti = api.slerp(a, -a, ts)
+  assert np.all(np.isfinite(anti))
+  np.testing.assert_allclose(jnp.linalg.norm(anti, axis=-1), 3.0, rtol=1e-5)
+  np.testing.assert_allclose(anti[-1], -a, atol=1e-5)
+  np.testing.assert_allclose(jnp.dot(anti[4], a), 0.0, atol=1e-4)  # halfway: orthogonal to a
+
+
+# --- a trained model ---------------------------------------------------------------------------
+
+
+def test_decode_of_encode_is_reconstruct(model, images):
+  key = jax.random.key(7)
+  z = model.encode(images, key)
+  assert z.shape == (4, model.latent_dim)
+  np.testing.assert_array_equal(model.decode(z, key), model.reconstruct(images, key))
+  # refinement starts from the same z⁰ and moves it; the default key is fixed
+  zk = model.encode(images, key, refine_steps=2)
+  assert zk.shape == z.shape and not np.allclose(zk, z)
+  np.testing.assert_array_equal(model.decode(zk, key),
+                                model.reconstruct(images, key, refine_steps=2))
+  np.testing.assert_array_equal(model.encode(images), model.encode(images))
+  x_hat = model.reconstruct(images)
+  assert x_hat.shape == images.shape and float(jnp.abs(x_hat).max()) <= 1.0
+
+
+def test_interpolate_ends_at_the_reconstructions(model, images):
+  key = jax.random.key(3)
+  x_a, x_b = images[0], images[1]
+  path = model.interpolate(x_a, x_b, num=5, key=key)
+  assert path.shape == (5,) + model.data_shape
+  z_a, z_b = (model.encode(x[None], key) for x in (x_a, x_b))
+  for end, z in ((path[0], z_a), (path[-1], z_b)):
+    np.testing.assert_allclose(end, model.decode(z, key)[0], atol=1e-5)
+  assert not np.allclose(path[0], path[-1])
+  # the middle image is the decode of the path's midpoint, for either mode
+  for mode, path_fn in (("slerp", api.slerp), ("lerp", api.lerp)):
+    mid = path_fn(z_a[0], z_b[0], jnp.array([0.5]))
+    np.testing.assert_allclose(model.interpolate(x_a, x_b, num=5, mode=mode, key=key)[2],
+                               model.decode(mid, key)[0], atol=1e-5)
+  with pytest.raises(ValueError, match="unknown mode"):
+    model.interpolate(x_a, x_b, mode="cubic")
+
+
+def test_sample_shapes_and_range(model):
+  x = model.sample(6)
+  assert x.shape == (6,) + model.data_shape
+  assert np.all(np.isfinite(x)) and float(x.min()) >= -1.0 and float(x.max()) <= 1.0
+  np.testing.assert_array_equal(x, model.sample(6))  # default key: reproducible
+  assert not np.array_equal(x, model.sample(6, jax.random.key(5)))
+
+
+def test_bad_inputs_are_clear_errors(model, images, tmp_path):
+  with pytest.raises(ValueError, match=r"in \[-1, 1\]"):
+    model.encode((images + 1.0) * 127.5)  # uint8-range pixels
+  with pytest.raises(ValueError, match="must have shape"):
+    model.encode(images[:, :14])
+  with pytest.raises(ValueError, match="must have shape"):
+    model.decode(jnp.zeros((2, model.latent_dim + 1)))
+  path = model.save_grid(images, str(tmp_path / "grid.png"), rows=2)
+  assert os.path.getsize(path) > 0
+
+
+def test_load_without_a_model_is_one_clear_error(tmp_path, workdir):
+  for bad in (tmp_path, tmp_path / "missing"):
+    with pytest.raises(train.UsageError) as err:
+      api.Autoencoder.load(str(bad))
+    assert "no trained model" in str(err.value) and "\n" not in str(err.value)
+  assert os.listdir(tmp_path) == []  # loading created nothing
+  with pytest.raises(train.UsageError, match="no checkpoint 3 .* holds steps \\[2\\]"):
+    api.Autoencoder.load(workdir, step=3)
+
+
+def test_use_ema_picks_the_ema_parameters(workdir, model):
+  ema = api.Autoencoder.load(workdir, use_ema=True, step=2)
+  assert model.step == ema.step == 2 and not model.use_ema and ema.use_ema
+  state = train.Trainer(model.config, workdir).restore_or_init(require=True)
+  for loaded, restored in ((model, state.params), (ema, state.ema)):
+    for a, b in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(restored)):
+      np.testing.assert_array_equal(a, b)
+  assert any(not np.array_equal(a, b) for a, b in
+             zip(jax.tree.leaves(model.params), jax.tree.leaves(ema.params)))

@@ -1,0 +1,43 @@
+"""The comparison command end to end on the tiny config: table, plot, reuse of finished runs."""
+
+import json
+import os
+
+from configs import compare as compare_config
+from diffenc_jax.experiments import compare
+
+
+def test_compare_writes_table_and_plot_and_reuses_runs(tmp_path):
+  cfg = compare_config.get_config()
+  cfg.method_configs.diffenc = "configs.tiny"
+  cfg.methods = "diffenc"
+  cfg.seeds = 2
+  cfg.num_steps = 2
+  cfg.rd_methods = "diffenc"
+  cfg.rd_betas = "1,4"
+  cfg.classifier_steps = 5
+  cfg.workdir = str(tmp_path / "runs")
+  cfg.results = str(tmp_path / "results.md")
+  cfg.rd_plot = str(tmp_path / "rd.png")
+  text = compare.compare(cfg)
+
+  suites = {}
+  for run in ("diffenc/seed0", "diffenc/seed1", "diffenc_beta4/seed0"):
+    with open(tmp_path / "runs" / run / "suite.json") as f:
+      suites[run] = json.load(f)
+  assert suites["diffenc_beta4/seed0"]["beta"] == 4.0
+  assert {s["steps"] for s in suites.values()} == {2}
+  for s in suites.values():
+    assert 0.0 <= s["probe_acc"] <= 1.0 and 0.0 <= s["recon_acc"] <= 1.0
+    assert s["sample_fd"] >= 0.0 and s["psnr_z0"] > 0.0
+  # the table's diffenc row is the mean ± std (n−1) of the two seeds
+  p = [suites[f"diffenc/seed{i}"]["psnr_z0"] for i in range(2)]
+  mean, std = sum(p) / 2, abs(p[0] - p[1]) / 2 ** 0.5
+  assert f"{mean:.2f} ± {std:.2f}" in text
+  assert os.path.getsize(cfg.rd_plot) > 0
+  # a finished run is reused, not trained again: suites untouched, the same table rows
+  mtimes = {r: os.path.getmtime(tmp_path / "runs" / r / "suite.json") for r in suites}
+  again = compare.compare(cfg)
+  assert mtimes == {r: os.path.getmtime(tmp_path / "runs" / r / "suite.json") for r in suites}
+  rows = lambda t: [line for line in t.splitlines() if line.startswith("| `")]
+  assert rows(again) == rows(text)
