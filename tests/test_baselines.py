@@ -111,8 +111,10 @@ def test_dmz_bits_are_soft_in_training_and_hard_at_eval(tmp_path):
 
 
 def test_diffae_prior_learns_from_detached_codes(tmp_path):
-  method, init, state, metrics = trained("diffae", tmp_path)  # 'prior' moved: checked there
+  method, init, state, metrics = trained("diffae", tmp_path)
   assert metrics["rate_nats"] == math.inf
+  assert any(not np.array_equal(a, b) for a, b in  # the prior trained alongside
+             zip(jax.tree.leaves(init.params["prior"]), jax.tree.leaves(state.params["prior"])))
   x = held_out()
 
   @jax.jit
@@ -121,10 +123,10 @@ def test_diffae_prior_learns_from_detached_codes(tmp_path):
       z = method.encode(params["encoder"], x)
       return method.prior_loss(params["prior"], z, key).mean()
     grads = jax.grad(prior_loss)(state.params)
-    return grads, method.apply_gradients(state, grads)
+    return grads, method.apply_gradients(state, grads), method.sample_latents(state.params, key, 5)
 
   # a step from fresh optimiser moments (Adam's momentum alone would still move a network)
-  grads, stepped = prior_step(state.replace(opt_state=init.opt_state), jax.random.key(0))
+  grads, stepped, z = prior_step(state.replace(opt_state=init.opt_state), jax.random.key(0))
   assert nonzero(grads["prior"])
   assert not nonzero(grads["encoder"]) and not nonzero(grads["decoder"])
   for net in ("encoder", "decoder"):
@@ -134,7 +136,6 @@ def test_diffae_prior_learns_from_detached_codes(tmp_path):
              zip(jax.tree.leaves(state.params["prior"]), jax.tree.leaves(stepped.params["prior"])))
   # (that the ε-MSE does reach the encoder through z is shown by `trained`: the U-Net's output
   # conv starts at zero, so the encoder can only have moved by the second update's gradient)
-  z = jax.jit(method.sample_latents, static_argnums=2)(state.params, jax.random.key(1), 5)
   assert z.shape == (5, method.latent_dim) and np.all(np.isfinite(z))
 
 
