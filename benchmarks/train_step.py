@@ -13,12 +13,16 @@ own batch (128) and data shape (28×28×1).
 
 import argparse
 import importlib
+import os
+import sys
 import time
 
 import jax
 import numpy as np
 
 from diffenc_jax import methods
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
 
 # config module → (data shape, batch size) of the benchmark
 SHAPES = {
