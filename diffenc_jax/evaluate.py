@@ -118,21 +118,22 @@ def encode_splits(config, method, state, path: str, refine: bool = True) -> None
 
 
 def generate(method, params, n: int, key: jax.Array, batch_size: int) -> np.ndarray:
-  """n images decoded from latents drawn from the method's prior, in batches."""
+  """n images decoded from latents drawn from the method's prior, in batches, clipped to
+  [-1, 1] (the data range; a gaussian decoder's mean is unbounded)."""
 
   @jax.jit
   def sample(key):
     k_z, k_dec = jax.random.split(key)
-    return method.decode(params["decoder"], method.sample_latents(params, k_z, batch_size),
-                         k_dec)
+    return jnp.clip(method.decode(params["decoder"], method.sample_latents(params, k_z, batch_size),
+                                  k_dec), -1.0, 1.0)
 
   out = [jax.device_get(sample(jax.random.fold_in(key, i))) for i in range(0, n, batch_size)]
   return np.concatenate(out)[:n]
 
 
 def decode_all(config, method, params, z: np.ndarray, key: jax.Array) -> np.ndarray:
-  """Decodes latents (N, d) in batches of eval.batch_size."""
-  decode = jax.jit(lambda z, key: method.decode(params["decoder"], z, key))
+  """Decodes latents (N, d) in batches of eval.batch_size, clipped to [-1, 1]."""
+  decode = jax.jit(lambda z, key: jnp.clip(method.decode(params["decoder"], z, key), -1.0, 1.0))
   b = config.eval.batch_size
   return np.concatenate([jax.device_get(decode(z[i:i + b], jax.random.fold_in(key, i)))
                          for i in range(0, len(z), b)])
