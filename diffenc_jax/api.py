@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from diffenc_jax import train, visualize
+from diffenc_jax import evaluate, train, visualize
 
 Array = jax.Array
 MODES = ("slerp", "lerp")
@@ -135,9 +135,7 @@ class Autoencoder:
     return lat["zK"] if refine_steps else lat["z0"]
 
   def _decode_fn(self, params, z, key):
-    x = self.method.decode(params["decoder"], z, key)
-    # the data's range: a gaussian decoder's mean is unbounded (evaluation clips it too)
-    return jnp.clip(x, -1.0, 1.0) if len(self.data_shape) == 3 else x
+    return evaluate.decode_images(self.method, params["decoder"], z, key)
 
   def _interpolate_fn(self, params, z_a, z_b, key, num, use_slerp):
     # both paths are cheap: a traced choice compiles the decoder once for both modes

@@ -248,7 +248,8 @@ class DiffusionEncoder:
         ema={**state.ema, "encoder": ema_update(state.ema["encoder"], enc, decay)})
     info = lat["info"]
     metrics = {"enc_loss": jnp.mean(jnp.stack(enc_losses)),
-               "gap": jnp.mean(jnp.sum((zk - lat["z0"]) ** 2, -1)), "move": info.move_norm, "accept": info.accept_rate, "step_size": info.step_size,
+               "gap": jnp.mean(jnp.sum((zk - lat["z0"]) ** 2, -1)), "move": info.move_norm,
+               "accept": info.accept_rate, "step_size": info.step_size,
                "z0_norm2": jnp.mean(jnp.sum(lat["z0"] ** 2, -1))}
     return state, metrics, {"z0": lat["z0"], "zK": zk}
 

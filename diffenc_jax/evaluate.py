@@ -86,6 +86,13 @@ class HeldOut:
             "rate_nats": mean["rate_nats"], "rate_bits": mean["rate_nats"] / math.log(2), **mean}
 
 
+def decode_images(method, dec_params, z: jax.Array, key: jax.Array) -> jax.Array:
+  """method.decode clipped to [-1, 1], the data's range, for image data (a gaussian decoder's
+  mean is unbounded); other data (2-D points) as decoded."""
+  x = method.decode(dec_params, z, key)
+  return jnp.clip(x, -1.0, 1.0) if len(method.data_shape) == 3 else x
+
+
 def split_latents(config, method, params, images: np.ndarray, key: jax.Array,
                   refine: bool = True) -> tuple[np.ndarray, np.ndarray]:
   """(z⁰, z^K) of images (N, ...) in batches of eval.batch_size; z^K = z⁰ without refine (or
@@ -118,22 +125,21 @@ def encode_splits(config, method, state, path: str, refine: bool = True) -> None
 
 
 def generate(method, params, n: int, key: jax.Array, batch_size: int) -> np.ndarray:
-  """n images decoded from latents drawn from the method's prior, in batches, clipped to
-  [-1, 1] (the data range; a gaussian decoder's mean is unbounded)."""
+  """n images decoded from latents drawn from the method's prior, in batches (`decode_images`)."""
 
   @jax.jit
   def sample(key):
     k_z, k_dec = jax.random.split(key)
-    return jnp.clip(method.decode(params["decoder"], method.sample_latents(params, k_z, batch_size),
-                                  k_dec), -1.0, 1.0)
+    return decode_images(method, params["decoder"],
+                         method.sample_latents(params, k_z, batch_size), k_dec)
 
   out = [jax.device_get(sample(jax.random.fold_in(key, i))) for i in range(0, n, batch_size)]
   return np.concatenate(out)[:n]
 
 
 def decode_all(config, method, params, z: np.ndarray, key: jax.Array) -> np.ndarray:
-  """Decodes latents (N, d) in batches of eval.batch_size, clipped to [-1, 1]."""
-  decode = jax.jit(lambda z, key: jnp.clip(method.decode(params["decoder"], z, key), -1.0, 1.0))
+  """Decodes latents (N, d) in batches of eval.batch_size (`decode_images`)."""
+  decode = jax.jit(lambda z, key: decode_images(method, params["decoder"], z, key))
   b = config.eval.batch_size
   return np.concatenate([jax.device_get(decode(z[i:i + b], jax.random.fold_in(key, i)))
                          for i in range(0, len(z), b)])

@@ -25,7 +25,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from diffenc_jax import data, em, evaluate, losses, methods, samplers, schedules, visualize
+from diffenc_jax import (baselines, data, em, evaluate, losses, methods, models, samplers,
+                         schedules, visualize)
 
 MODES = ("train", "eval", "reconstruct", "sample", "encode")
 
@@ -69,14 +70,15 @@ def validate_config(config, num_devices: int | None = None) -> None:
   check(not (langevin and lv.mala and (lv.step_rule == "snr" or lv.max_move > 0)),
         "em.langevin.mala needs step_rule 'fixed' without max_move, or 'gauss_newton'")
   # baselines (diffenc_jax/baselines.py): each method's own section only
-  check(m.unet_conditioning in ("adagn", "film", "xattn"),
-        f"unknown model.unet_conditioning {m.unet_conditioning!r}; choose adagn, film or xattn")
+  check(m.unet_conditioning in models.CONDITIONINGS,
+        f"unknown model.unet_conditioning {m.unet_conditioning!r}; "
+        f"choose one of {models.CONDITIONINGS}")
   check(config.method not in ("diffae", "dmz") or m.decoder == "diffusion",
         f"method {config.method!r} needs model.decoder='diffusion'")
   if config.method == "diffae":
     dae = config.diffae
-    check(dae.encoder in ("conv", "resnet"),
-          f"unknown diffae.encoder {dae.encoder!r}; choose conv or resnet")
+    check(dae.encoder in baselines.DIFFAE_ENCODERS,
+          f"unknown diffae.encoder {dae.encoder!r}; choose one of {baselines.DIFFAE_ENCODERS}")
     check(dae.encoder != "resnet" or config.data.name != "toy2d",
           "diffae.encoder='resnet' needs image data")
     check(dae.prior_steps >= 1, f"diffae.prior_steps must be >= 1, got {dae.prior_steps}")
