@@ -21,6 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
   data.data_dir = ""  # for name='idx' (required) and name='tfds' (optional TFDS data_dir)
   data.image_size = 0  # 0 keeps the dataset's own size; else resize to this (28, 32 or 64)
   data.num_test = 0  # 0 uses the whole held-out split; else its first num_test examples
+  data.augment_shift = 0  # training images moved by a random (dy, dx) in {-s..s}² pixels
 
   # --- model ------------------------------------------------------------------------------
   config.model = model = ml_collections.ConfigDict()
@@ -37,6 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
   # gaussian decoder
   model.dec_arch = "mlp"  # mlp | conv
   model.dec_hidden = (1024, 1024)  # mlp
+  model.dec_dropout = 0.0  # mlp: dropout of the hidden units in the decoder's training loss
   model.dec_channels = (64, 32)  # conv
   # diffusion decoder (z-conditioned U-Net)
   model.unet_channels = 32
@@ -113,6 +115,7 @@ def get_config() -> ml_collections.ConfigDict:
   train.dec_lr = 1e-3
   train.warmup_steps = 100
   train.grad_clip = 1.0
+  train.weight_decay = 0.0  # AdamW's decoupled decay of weight matrices and kernels (0 = Adam)
   train.ema_decay = 0.999
   train.log_every = 50
   train.eval_every = 500

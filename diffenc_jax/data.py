@@ -28,6 +28,9 @@ e = step // steps_per_epoch visits the train split in the order of a permutation
 (seed, e), batch_size examples per step; the last N mod batch_size examples of each epoch's
 order are dropped, so no batch straddles two epochs and no example is seen twice in an epoch.
 A resumed run therefore reads bit-identical batches.
+
+`random_shift` is the training-time augmentation (`data.augment_shift`): each image moved by a
+random whole number of pixels, applied inside the jitted round from the round's key.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ import sys
 from typing import Callable, Iterator, NamedTuple
 
 import grain
+import jax
+import jax.numpy as jnp
 import numpy as np
 import PIL.Image
 
@@ -386,3 +391,20 @@ def _epoch_order(seed: int, epoch: int, num_examples: int) -> np.ndarray:
   order = np.random.default_rng([seed, epoch]).permutation(num_examples)
   order.setflags(write=False)
   return order
+
+
+def random_shift(key: jax.Array, images: jax.Array, max_shift: int) -> jax.Array:
+  """Each image translated by its own (dy, dx), uniform on {−s, …, s}², edges replicated.
+
+  images (..., H, W, C): any leading axes; s = max_shift ≥ 0 (0 returns images unchanged).
+  Pure and jittable: the same key gives the same shifts on any device layout.
+  """
+  if max_shift == 0:
+    return images
+  *lead, h, w, c = images.shape
+  flat = images.reshape(-1, h, w, c)
+  s = max_shift
+  padded = jnp.pad(flat, ((0, 0), (s, s), (s, s), (0, 0)), mode="edge")
+  offsets = jax.random.randint(key, (flat.shape[0], 2), 0, 2 * s + 1)
+  crop = lambda img, o: jax.lax.dynamic_slice(img, (o[0], o[1], 0), (h, w, c))
+  return jax.vmap(crop)(padded, offsets).reshape(images.shape)

@@ -44,12 +44,19 @@ class TrainState(flax.struct.PyTreeNode):
     return self.ema if use_ema else self.params
 
 
-def make_optimizer(lr: float, warmup_steps: int, grad_clip: float) -> optax.GradientTransformation:
-  """Adam with linear warm-up (from lr/warmup_steps, so the first update moves) and
-  global-norm clipping."""
+def make_optimizer(lr: float, warmup_steps: int, grad_clip: float,
+                   weight_decay: float = 0.0) -> optax.GradientTransformation:
+  """Adam (AdamW when weight_decay > 0: decoupled decay of the weight matrices and kernels,
+  not of biases or norm scales) with linear warm-up (from lr/warmup_steps, so the first update
+  moves) and global-norm clipping."""
   warmup_steps = max(warmup_steps, 1)
   schedule = optax.linear_schedule(lr / warmup_steps, lr, warmup_steps)
-  return optax.chain(optax.clip_by_global_norm(grad_clip), optax.adam(schedule))
+  if weight_decay:
+    kernels = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+    adam = optax.adamw(schedule, weight_decay=weight_decay, mask=kernels)
+  else:
+    adam = optax.adam(schedule)
+  return optax.chain(optax.clip_by_global_norm(grad_clip), adam)
 
 
 def ema_update(ema, params, decay: float):
@@ -86,7 +93,8 @@ class DiffusionEncoder:
     if m.decoder == "gaussian":
       self.decoder = models.GaussianDecoder(image_shape=self.data_shape, arch=m.dec_arch,
                                             mlp_hidden=tuple(m.dec_hidden),
-                                            channels=tuple(m.dec_channels))
+                                            channels=tuple(m.dec_channels),
+                                            dropout=m.dec_dropout)
     else:
       self.decoder = models.UNetDecoder(
           image_shape=self.data_shape, channels=m.unet_channels,
@@ -96,8 +104,8 @@ class DiffusionEncoder:
     self.schedule = schedules.get_schedule(**config.schedule)
     self.image_schedule = schedules.get_schedule(**config.image_schedule)
     t = config.train
-    self.enc_opt = make_optimizer(t.enc_lr, t.warmup_steps, t.grad_clip)
-    self.dec_opt = make_optimizer(t.dec_lr, t.warmup_steps, t.grad_clip)
+    self.enc_opt = make_optimizer(t.enc_lr, t.warmup_steps, t.grad_clip, t.weight_decay)
+    self.dec_opt = make_optimizer(t.dec_lr, t.warmup_steps, t.grad_clip, t.weight_decay)
 
   # --- parameters ----------------------------------------------------------------------
   def init_state(self, key: Array) -> TrainState:
@@ -174,9 +182,13 @@ class DiffusionEncoder:
                                       self.image_schedule, self.config.em.langevin.mc_samples)
 
   def decoder_loss(self, dec_params, x: Array, z: Array, key: Array) -> Array:
-    """Per-example training loss of the decoder (B,): the NLL for the gaussian decoder, the
-    unit-weighted ε-MSE for the diffusion decoder."""
-    if self.config.model.decoder == "gaussian":
+    """Per-example training loss of the decoder (B,): the NLL for the gaussian decoder (with
+    model.dec_dropout applied), the unit-weighted ε-MSE for the diffusion decoder."""
+    m = self.config.model
+    if m.decoder == "gaussian" and m.dec_dropout:
+      mean = self.decoder.apply(dec_params, z, train=True, rngs={"dropout": key})
+      return losses.gaussian_nll(x, mean, m.sigma_x)
+    if m.decoder == "gaussian":
       return self.nll(dec_params, x, z, key)
     k_loss, k_drop = jax.random.split(key)
     return losses.denoising_loss(self.decoder_eps_fn(dec_params, z, True, k_drop), x, k_loss,

@@ -93,6 +93,12 @@ def validate_config(config, num_devices: int | None = None) -> None:
   check(config.em.beta > 0, f"em.beta must be > 0, got {config.em.beta}")
   for name in ("e_updates", "m_updates", "encoder_inner_steps", "encoder_noise_draws"):
     check(config.em[name] >= 1, f"em.{name} must be >= 1, got {config.em[name]}")
+  check(config.data.augment_shift >= 0,
+        f"data.augment_shift must be >= 0, got {config.data.augment_shift}")
+  check(config.data.augment_shift == 0 or config.data.name != "toy2d",
+        "data.augment_shift needs image data")
+  check(config.train.weight_decay >= 0,
+        f"train.weight_decay must be >= 0, got {config.train.weight_decay}")
   b = config.train.batch_size
   check(b > 0 and b % num_devices == 0,
         f"train.batch_size={b} is not divisible by the {num_devices} devices")
@@ -120,13 +126,21 @@ class Trainer:
     self.replicated = NamedSharding(self.mesh, P())
     # E batches of B examples: (E, B, ...) sharded on B
     self.round_sharding = NamedSharding(self.mesh, P(None, "data"))
-    self.round = jax.jit(self.method.train_round,
+    self.round = jax.jit(self.augmented_round,
                          in_shardings=(self.replicated, self.round_sharding, self.replicated),
                          out_shardings=(self.replicated, self.replicated), donate_argnums=0)
     self.checkpoints = ocp.CheckpointManager(
         os.path.join(self.workdir, "checkpoints"),
         options=ocp.CheckpointManagerOptions(max_to_keep=config.train.keep_checkpoints,
                                              create=True))
+
+  def augmented_round(self, state, xs, key):
+    """The method's training round on xs after `data.random_shift` (when data.augment_shift)."""
+    shift = self.config.data.augment_shift
+    if shift:
+      k_aug, key = jax.random.split(key)
+      xs = data.random_shift(k_aug, xs, shift)
+    return self.method.train_round(state, xs, key)
 
   # --- state and checkpoints ------------------------------------------------------------
   def fresh_state(self) -> em.TrainState:

@@ -211,3 +211,23 @@ def test_bad_batch_arguments_and_default_config():
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   data.validate_data_config(module.get_config().data)
+
+
+def test_random_shift_translates_each_image_with_edge_padding():
+  import jax
+  s, n, h, w = 2, 64, 7, 9
+  rng = np.random.default_rng(0)
+  images = rng.normal(size=(2, n // 2, h, w, 3)).astype(np.float32)  # leading (E, B) axes
+  out = np.asarray(jax.jit(data.random_shift, static_argnums=2)(jax.random.key(0), images, s))
+  assert out.shape == images.shape
+  padded = np.pad(images.reshape(n, h, w, 3), ((0, 0), (s, s), (s, s), (0, 0)), mode="edge")
+  candidates = {(dy, dx): padded[:, dy:dy + h, dx:dx + w] for dy in range(2 * s + 1)
+                for dx in range(2 * s + 1)}
+  used = set()
+  for i, got in enumerate(out.reshape(n, h, w, 3)):
+    match = [o for o, c in candidates.items() if np.array_equal(c[i], got)]
+    assert len(match) == 1, f"example {i} is no single shift of its input"
+    used.add(match[0])
+  assert len(used) > 10  # 64 draws over 25 shifts: the offsets really vary
+  assert (s, s) in candidates and np.array_equal(candidates[(s, s)], images.reshape(n, h, w, 3))
+  assert data.random_shift(jax.random.key(0), images, 0) is images

@@ -304,3 +304,32 @@ def test_unet_rejects_bad_conditioning():
   model = tiny_unet((8, 8, 1), "concat")
   with pytest.raises(ValueError, match="conditioning"):
     jax.eval_shape(model.init, KEY, jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,)), jnp.zeros((1, D)))
+
+
+@pytest.mark.parametrize("shape,kernel,strides", [
+    ((3, 28, 28, 5), (3, 3), (1, 1)),   # patch path (784 positions)
+    ((2, 48, 48, 3), (4, 4), (2, 2)),   # patch path, strided, even kernel (576 positions)
+    ((2, 8, 8, 4), (3, 3), (1, 1)),     # below the threshold: lax itself
+])
+def test_conv_matches_flax_conv_in_value_and_every_derivative(shape, kernel, strides):
+  """layers.Conv is nn.Conv (same params) whose kernel derivative may go through im2col:
+  value, reverse-mode gradients, forward-mode Jacobian in x and JVP in the kernel agree."""
+  from diffenc_jax.models.layers import Conv
+  x = jax.random.normal(jax.random.key(0), shape)
+  ref, ours = nn.Conv(6, kernel, strides=strides), Conv(6, kernel, strides=strides)
+  params = ref.init(jax.random.key(1), x)
+  assert jax.tree.structure(params) == jax.tree.structure(ours.init(jax.random.key(1), x))
+
+  def close(a, b):
+    np.testing.assert_allclose(a, b, rtol=0, atol=2e-5 * float(jnp.abs(b).max()))
+
+  loss = lambda m: lambda p, x: jnp.sum(jnp.sin(m.apply(p, x)))
+  close(ours.apply(params, x), ref.apply(params, x))
+  for a, b in zip(jax.tree.leaves(jax.grad(loss(ours), (0, 1))(params, x)),
+                  jax.tree.leaves(jax.grad(loss(ref), (0, 1))(params, x))):
+    close(a, b)
+  corner = lambda m: lambda x: m.apply(params, x)[0, :2, :2, 0]
+  close(jax.jacfwd(corner(ours))(x), jax.jacfwd(corner(ref))(x))
+  tangent = jax.tree.map(jnp.ones_like, params)
+  jvp = lambda m: jax.jvp(lambda p: m.apply(p, x), (params,), (tangent,))[1]
+  close(jvp(ours), jvp(ref))

@@ -35,6 +35,9 @@ def tiny_config(**overrides):
     ({"em.langevin.step_rule": "hmc"}, "unknown em.langevin.step_rule"),
     ({"model.decoder": "flow"}, "unknown decoder"),
     ({"model.decoder": "diffusion"}, "needs model.decoder='gaussian'"),
+    ({"data.augment_shift": -1}, "augment_shift must be >= 0"),
+    ({"data.name": "toy2d", "data.augment_shift": 1}, "augment_shift needs image data"),
+    ({"train.weight_decay": -0.1}, "weight_decay must be >= 0"),
 ])
 def test_bad_config_fails_with_one_line(override, message):
   with pytest.raises(train.UsageError) as err:
@@ -96,6 +99,10 @@ from configs import tiny
 from diffenc_jax import train
 config = tiny.get_config()
 config.train.num_steps = 1
+# the regularisers too: shifts, dropout and decay must not depend on the device layout
+config.data.augment_shift = 1
+config.model.dec_dropout = 0.1
+config.train.weight_decay = 0.1
 trainer = train.Trainer(config, {workdir!r})
 state = trainer.fresh_state()
 from diffenc_jax import data
@@ -157,3 +164,31 @@ def test_diffusion_decoder_round(tmp_path):
   for net in ("encoder", "decoder"):
     assert any(not np.array_equal(a, b) for a, b in
                zip(jax.tree.leaves(init[net]), jax.tree.leaves(state.params[net])))
+
+
+def test_weight_decay_shrinks_kernels_only():
+  """AdamW with zero gradients: kernels scale by exactly 1 − lr·wd, biases stay."""
+  import jax.numpy as jnp
+  from diffenc_jax import em
+  lr, wd = 1e-2, 0.5
+  opt = em.make_optimizer(lr, warmup_steps=1, grad_clip=1.0, weight_decay=wd)
+  params = {"kernel": jnp.full((3, 2), 2.0), "bias": jnp.full((2,), 2.0)}
+  updates, _ = opt.update(jax.tree.map(jnp.zeros_like, params), opt.init(params), params)
+  np.testing.assert_allclose(updates["kernel"], -lr * wd * 2.0, rtol=1e-6)
+  np.testing.assert_array_equal(updates["bias"], 0.0)
+
+
+def test_decoder_dropout_only_in_the_training_loss():
+  """dec_dropout changes the M-step loss (key-dependent, inverted-dropout scaled) but not the
+  deterministic mean that the E-step and evaluation use."""
+  from diffenc_jax import methods
+  x = jax.random.uniform(jax.random.key(1), (8, 28, 28, 1), minval=-1, maxval=1)
+  z = jax.random.normal(jax.random.key(2), (8, 4))
+  plain = methods.get_method(tiny_config(), (28, 28, 1))
+  dropped = methods.get_method(tiny_config(**{"model.dec_dropout": 0.5}), (28, 28, 1))
+  params = plain.init_state(jax.random.key(0)).params["decoder"]
+  nll = plain.nll(params, x, z, None)
+  np.testing.assert_array_equal(plain.decoder_loss(params, x, z, jax.random.key(3)), nll)
+  np.testing.assert_array_equal(dropped.decoder_mean(params, z), plain.decoder_mean(params, z))
+  a, b = (dropped.decoder_loss(params, x, z, jax.random.key(k)) for k in (3, 4))
+  assert not np.allclose(a, nll) and not np.allclose(a, b)

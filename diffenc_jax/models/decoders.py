@@ -9,7 +9,7 @@ import chex
 import flax.linen as nn
 import jax.numpy as jnp
 
-from diffenc_jax.models.layers import (AttentionBlock, Downsample, ResBlock, ResidualMLP,
+from diffenc_jax.models.layers import (AttentionBlock, Conv, Downsample, ResBlock, ResidualMLP,
                                        TimeEmbedding, Upsample, group_norm, zeros_init)
 
 CONDITIONINGS = ("adagn", "film", "xattn")
@@ -34,19 +34,22 @@ class GaussianDecoder(nn.Module):
   Vectors (D,), or images with arch='mlp': an MLP with hidden widths `mlp_hidden` (the
   output reshaped to the image). On a CPU the MLP is ~30× cheaper than the conv stack, which
   matters because the E-step differentiates the decoder many times per training step.
+  `dropout` > 0 drops MLP hidden units when train=True (the 'dropout' rng): a regulariser for
+  small datasets; the mean used by the E-step and evaluation is the deterministic one.
   """
 
   image_shape: Sequence[int] = (28, 28, 1)
   channels: Sequence[int] = (64, 32)
   arch: str = "conv"  # conv | mlp (vector data always use the MLP)
   mlp_hidden: Sequence[int] = (256, 256)
+  dropout: float = 0.0
 
   @nn.compact
-  def __call__(self, z):
+  def __call__(self, z, train: bool = False):
     if len(self.image_shape) == 1 or self.arch == "mlp":
       h = z
       for width in self.mlp_hidden:
-        h = nn.silu(nn.Dense(width)(h))
+        h = nn.Dropout(self.dropout)(nn.silu(nn.Dense(width)(h)), deterministic=not train)
       out = nn.Dense(math.prod(self.image_shape))(h)
       return out.reshape((z.shape[0],) + tuple(self.image_shape))
     height, width, out_channels = self.image_shape
@@ -57,7 +60,7 @@ class GaussianDecoder(nn.Module):
     for i, c in enumerate(self.channels):
       h = nn.ConvTranspose(c, (4, 4), strides=(2, 2))(h)[:, :hs[i + 1], :ws[i + 1]]
       h = nn.silu(group_norm(c)(h))
-    return nn.Conv(out_channels, (3, 3))(h)
+    return Conv(out_channels, (3, 3))(h)
 
 
 class UNetDecoder(nn.Module):
@@ -125,7 +128,7 @@ class UNetDecoder(nn.Module):
         h = AttentionBlock(self.num_heads)(h, token)
       return h
 
-    h = nn.Conv(self.channels, (3, 3))(x_t)
+    h = Conv(self.channels, (3, 3))(x_t)
     skips = [h]
     for level, mult in enumerate(self.channel_mult):
       for _ in range(self.num_res_blocks):
@@ -146,4 +149,4 @@ class UNetDecoder(nn.Module):
         h = Upsample()(h, skips[-1].shape[1:3])
 
     h = nn.silu(group_norm(h.shape[-1])(h))
-    return nn.Conv(self.image_shape[-1], (3, 3), kernel_init=zeros_init, name="out")(h)
+    return Conv(self.image_shape[-1], (3, 3), kernel_init=zeros_init, name="out")(h)

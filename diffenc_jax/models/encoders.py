@@ -13,7 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from diffenc_jax.models.layers import AttentionBlock, ConvTrunk, Downsample, ResBlock, group_norm
+from diffenc_jax.models.layers import (AttentionBlock, Conv, ConvTrunk, Downsample, ResBlock,
+                                       group_norm)
 
 
 class GaussianEncoder(nn.Module):
@@ -69,7 +70,7 @@ class ResNetEncoder(nn.Module):
   def __call__(self, x):
     if x.ndim != 4:
       raise ValueError(f"ResNetEncoder expects images (B, H, W, C), got {x.shape}")
-    h = nn.Conv(self.channels, (3, 3))(x)
+    h = Conv(self.channels, (3, 3))(x)
     for level, mult in enumerate(self.channel_mult):
       for _ in range(self.num_res_blocks):
         h = ResBlock(self.channels * mult)(h)
