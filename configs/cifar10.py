@@ -22,6 +22,7 @@ def get_config():
   config.em.langevin.step_rule = "fixed"
   config.em.langevin.step_size = 0.01
   config.em.langevin.max_move = 1.0
+  config.em.langevin.mala = False  # a capped move has no proposal density
   config.em.langevin.mc_samples = 2
   config.train.batch_size = 128
   config.train.num_steps = 200_000

@@ -21,7 +21,9 @@ def get_config() -> ml_collections.ConfigDict:
   data.data_dir = ""  # for name='idx' (required) and name='tfds' (optional TFDS data_dir)
   data.image_size = 0  # 0 keeps the dataset's own size; else resize to this (28, 32 or 64)
   data.num_test = 0  # 0 uses the whole held-out split; else its first num_test examples
-  data.augment_shift = 0  # training images moved by a random (dy, dx) in {-s..s}² pixels
+  # training images moved by a random (dy, dx) ∈ {-s..s}² pixels. mnist5k's 4,500 digits are
+  # memorised without it (seed 0, round 1,500: z⁰ PSNR 22.0 dB on train vs 18.2 held-out)
+  data.augment_shift = 1
 
   # --- model ------------------------------------------------------------------------------
   config.model = model = ml_collections.ConfigDict()
@@ -80,7 +82,9 @@ def get_config() -> ml_collections.ConfigDict:
   langevin.step_size = 0.5
   langevin.max_move = 0.0  # fixed rule: per-example cap on the move's norm (0 = none)
   langevin.snr = 0.16  # snr rule's r
-  langevin.mala = False
+  # Metropolis-Hastings correction: rejects the Gauss-Newton proposal that overshoots (without
+  # it 3 of 6 runs had a chain blow up, gap ~1e9); ~75 % accepted, same PSNR, 1 extra ∇U
+  langevin.mala = True
   langevin.refresh_precision = False  # gauss_newton: recompute H every step (else once at z⁰)
   langevin.mc_samples = 1  # diffusion decoder: (t, ε) draws per ∇U estimate
   em.eval_refine_steps = 10  # Langevin steps from z⁰ at evaluation time

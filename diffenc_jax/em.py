@@ -222,10 +222,15 @@ class DiffusionEncoder:
       precision_fn = samplers.gauss_newton_precision(
           functools.partial(self.decoder_mean, dec_params), self.config.model.sigma_x,
           em.beta, prior_precision=1.0 + em.prox_weight)
+    # XLA:CPU runs convolutions inside a loop body several times slower than at top level
+    # (benchmarks/langevin.py): on a CPU, a conv decoder's chain is unrolled
+    convolutional = self.config.model.decoder == "diffusion" or (
+        self.config.model.dec_arch == "conv" and len(self.data_shape) == 3)
+    unroll = True if convolutional and jax.default_backend() == "cpu" else 1
     return samplers.langevin_posterior(
         log_density, z0, k_chain, num_steps=num_steps or lv.num_steps, step_size=lv.step_size,
         step_rule=lv.step_rule, max_move=lv.max_move, snr=lv.snr, mala=lv.mala,
-        precision_fn=precision_fn, refresh_precision=lv.refresh_precision)
+        precision_fn=precision_fn, refresh_precision=lv.refresh_precision, unroll=unroll)
 
   def latents(self, params, x: Array, key: Array,
               num_steps: int | None = None) -> dict[str, Array]:

@@ -152,7 +152,8 @@ def test_modes_write_their_outputs(straight_run):
 def test_diffusion_decoder_round(tmp_path):
   """One EM round with the z-conditioned U-Net decoder: finite metrics, both nets updated."""
   config = tiny_config(**{"model.decoder": "diffusion", "em.langevin.step_rule": "fixed",
-                          "em.langevin.step_size": 0.01, "em.langevin.max_move": 1.0})
+                          "em.langevin.step_size": 0.01, "em.langevin.max_move": 1.0,
+                          "em.langevin.mala": False})
   trainer = train.Trainer(config, str(tmp_path))
   state = trainer.fresh_state()
   init = jax.device_get(state.params)
