@@ -185,11 +185,9 @@ class DiffusionEncoder:
     """Per-example training loss of the decoder (B,): the NLL for the gaussian decoder (with
     model.dec_dropout applied), the unit-weighted ε-MSE for the diffusion decoder."""
     m = self.config.model
-    if m.decoder == "gaussian" and m.dec_dropout:
-      mean = self.decoder.apply(dec_params, z, train=True, rngs={"dropout": key})
-      return losses.gaussian_nll(x, mean, m.sigma_x)
     if m.decoder == "gaussian":
-      return self.nll(dec_params, x, z, key)
+      mean = self.decoder.apply(dec_params, z, train=m.dec_dropout > 0, rngs={"dropout": key})
+      return losses.gaussian_nll(x, mean, m.sigma_x)
     k_loss, k_drop = jax.random.split(key)
     return losses.denoising_loss(self.decoder_eps_fn(dec_params, z, True, k_drop), x, k_loss,
                                  self.image_schedule)
