@@ -36,8 +36,9 @@ SHAPES = {
 }
 
 
-def images_per_second(name: str, repeats: int) -> tuple[float, float]:
-  """(images/s, seconds per round) of config `name`'s jitted training round."""
+def images_per_second(name: str, repeats: int) -> tuple[float, float, float]:
+  """(images/s, seconds per round, seconds of the first call: compilation + one round) of
+  config `name`'s jitted training round."""
   shape, batch = SHAPES[name]
   config = importlib.import_module(f"configs.{name}").get_config()
   config.train.batch_size = batch
@@ -46,9 +47,12 @@ def images_per_second(name: str, repeats: int) -> tuple[float, float]:
   xs = jax.random.uniform(jax.random.key(1), (e, batch) + shape, minval=-1.0, maxval=1.0)
   round_fn = jax.jit(method.train_round, donate_argnums=0)
   state = jax.jit(method.init_state)(jax.random.key(0))
+  first = 0.0
   for i in range(2):  # compile, then one warm round
+    start = time.perf_counter()
     state, metrics = round_fn(state, xs, jax.random.key(i))
     jax.block_until_ready(metrics)
+    first = first or time.perf_counter() - start
   times = []
   for i in range(repeats):
     start = time.perf_counter()
@@ -56,7 +60,7 @@ def images_per_second(name: str, repeats: int) -> tuple[float, float]:
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - start)
   seconds = float(np.median(times))
-  return e * batch / seconds, seconds
+  return e * batch / seconds, seconds, first
 
 
 def main():
@@ -65,12 +69,13 @@ def main():
   parser.add_argument("--repeats", type=int, default=5)
   args = parser.parse_args()
   print(f"devices: {jax.devices()}")
-  print(f"{'config':16s} {'shape':>12s} {'batch':>5s} {'s/round':>8s} {'img/s':>8s}")
+  print(f"{'config':16s} {'shape':>12s} {'batch':>5s} {'s/round':>8s} {'img/s':>8s} "
+        f"{'compile s':>9s}")
   for name in args.configs.split(","):
     shape, batch = SHAPES[name]
-    ips, seconds = images_per_second(name, args.repeats)
-    print(f"{name:16s} {'x'.join(map(str, shape)):>12s} {batch:5d} {seconds:8.3f} {ips:8.1f}",
-          flush=True)
+    ips, seconds, first = images_per_second(name, args.repeats)
+    print(f"{name:16s} {'x'.join(map(str, shape)):>12s} {batch:5d} {seconds:8.3f} {ips:8.1f} "
+          f"{first:9.1f}", flush=True)
 
 
 if __name__ == "__main__":

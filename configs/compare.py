@@ -25,4 +25,5 @@ def get_config():
   config.workdir = "runs/compare"
   config.results = "benchmarks/results.md"
   config.rd_plot = "benchmarks/rate_distortion.png"
+  config.note = ""  # a paragraph added to the table's text (e.g. how the runs shared a device)
   return config

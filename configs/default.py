@@ -118,6 +118,10 @@ def get_config() -> ml_collections.ConfigDict:
   train.enc_lr = 1e-3
   train.dec_lr = 1e-3
   train.warmup_steps = 100
+  # constant | cosine: after the warm-up, a cosine from the peak rate down to final_lr × it at
+  # the last round (train.num_steps), for every network and method
+  train.lr_schedule = "constant"
+  train.final_lr = 0.0
   train.grad_clip = 1.0
   train.weight_decay = 0.0  # AdamW's decoupled decay of weight matrices and kernels (0 = Adam)
   train.ema_decay = 0.999

@@ -89,7 +89,10 @@ class Autoencoder(OneLossMethod):
     self.decoder = self.diffenc.decoder
     self.schedule = self.diffenc.schedule
     self.image_schedule = self.diffenc.image_schedule
-    self.optimizers = {"encoder": self.diffenc.enc_opt, "decoder": self.diffenc.dec_opt}
+    # one update of each network per batch of a round (OneLossMethod.train_round)
+    e = config.em.e_updates
+    self.optimizers = {"encoder": em.optimizer_for(config, config.train.enc_lr, e),
+                       "decoder": em.optimizer_for(config, config.train.dec_lr, e)}
 
   def init_params(self, key: Array) -> dict:
     k_enc, k_dec = jax.random.split(key)
@@ -194,7 +197,7 @@ class DiffAE(Autoencoder):
 
   def __init__(self, config, data_shape: tuple[int, ...]):
     super().__init__(config, data_shape)
-    m, d, t = config.model, config.diffae, config.train
+    m, d = config.model, config.diffae
     if d.encoder not in DIFFAE_ENCODERS:
       raise ValueError(f"unknown diffae.encoder {d.encoder!r}; choose one of {DIFFAE_ENCODERS}")
     if d.encoder == "resnet":
@@ -207,7 +210,8 @@ class DiffAE(Autoencoder):
                                                  m.enc_features)
     self.prior = models.LatentPrior(m.latent_dim, hidden=d.prior_hidden,
                                     num_blocks=d.prior_blocks)
-    self.optimizers["prior"] = em.make_optimizer(d.prior_lr, t.warmup_steps, t.grad_clip)
+    self.optimizers["prior"] = em.optimizer_for(config, d.prior_lr, config.em.e_updates,
+                                                weight_decay=False)
 
   def init_params(self, key: Array) -> dict:
     k_ae, k_prior = jax.random.split(key)
@@ -336,7 +340,10 @@ class DiffusionEncoderJoint(OneLossMethod, em.DiffusionEncoder):
 
   def __init__(self, config, data_shape: tuple[int, ...]):
     super().__init__(config, data_shape)
-    self.optimizers = {"encoder": self.enc_opt, "decoder": self.dec_opt}
+    # one joint update of both networks per batch of a round (OneLossMethod.train_round)
+    e = config.em.e_updates
+    self.optimizers = {"encoder": em.optimizer_for(config, config.train.enc_lr, e),
+                       "decoder": em.optimizer_for(config, config.train.dec_lr, e)}
 
   def chain_energy(self, params, x: Array, key: Array) -> tuple[Array, Array]:
     """(β·U(z⁰) = NLL_θ(x|z⁰) + β ½‖z⁰‖² per example (B,), z⁰ (B, d)), with z⁰ the encoder's

@@ -45,18 +45,35 @@ class TrainState(flax.struct.PyTreeNode):
 
 
 def make_optimizer(lr: float, warmup_steps: int, grad_clip: float,
-                   weight_decay: float = 0.0) -> optax.GradientTransformation:
+                   weight_decay: float = 0.0, decay_steps: int = 0,
+                   final_lr: float = 0.0) -> optax.GradientTransformation:
   """Adam (AdamW when weight_decay > 0: decoupled decay of the weight matrices and kernels,
   not of biases or norm scales) with linear warm-up (from lr/warmup_steps, so the first update
-  moves) and global-norm clipping."""
+  moves) and global-norm clipping. decay_steps > 0: after the warm-up the rate follows a
+  cosine from lr down to `final_lr` · lr at update `decay_steps` (warm-up included), and stays
+  there; else it stays at lr."""
   warmup_steps = max(warmup_steps, 1)
-  schedule = optax.linear_schedule(lr / warmup_steps, lr, warmup_steps)
+  if decay_steps > warmup_steps:
+    schedule = optax.warmup_cosine_decay_schedule(lr / warmup_steps, lr, warmup_steps,
+                                                  decay_steps, end_value=final_lr * lr)
+  else:
+    schedule = optax.linear_schedule(lr / warmup_steps, lr, warmup_steps)
   if weight_decay:
     kernels = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
     adam = optax.adamw(schedule, weight_decay=weight_decay, mask=kernels)
   else:
     adam = optax.adam(schedule)
   return optax.chain(optax.clip_by_global_norm(grad_clip), adam)
+
+
+def optimizer_for(config, lr: float, updates_per_round: int,
+                  weight_decay: bool = True) -> optax.GradientTransformation:
+  """`make_optimizer` from config.train for a network updated `updates_per_round` times per
+  training round: train.lr_schedule 'cosine' decays it over all train.num_steps rounds."""
+  t = config.train
+  decay = t.num_steps * updates_per_round if t.lr_schedule == "cosine" else 0
+  return make_optimizer(lr, t.warmup_steps, t.grad_clip, t.weight_decay if weight_decay else 0.0,
+                        decay_steps=decay, final_lr=t.final_lr)
 
 
 def ema_update(ema, params, decay: float):
@@ -103,9 +120,10 @@ class DiffusionEncoder:
           dropout=m.unet_dropout, conditioning=m.unet_conditioning, latent_dim=m.latent_dim)
     self.schedule = schedules.get_schedule(**config.schedule)
     self.image_schedule = schedules.get_schedule(**config.image_schedule)
-    t = config.train
-    self.enc_opt = make_optimizer(t.enc_lr, t.warmup_steps, t.grad_clip, t.weight_decay)
-    self.dec_opt = make_optimizer(t.dec_lr, t.warmup_steps, t.grad_clip, t.weight_decay)
+    em_ = config.em
+    self.enc_opt = optimizer_for(config, config.train.enc_lr,
+                                 em_.e_updates * em_.encoder_inner_steps)
+    self.dec_opt = optimizer_for(config, config.train.dec_lr, em_.m_updates)
 
   # --- parameters ----------------------------------------------------------------------
   def init_state(self, key: Array) -> TrainState:

@@ -29,6 +29,7 @@ from diffenc_jax import (baselines, data, em, evaluate, losses, methods, models,
                          schedules, visualize)
 
 MODES = ("train", "eval", "reconstruct", "sample", "encode")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 class UsageError(ValueError):
@@ -97,6 +98,10 @@ def validate_config(config, num_devices: int | None = None) -> None:
         f"data.augment_shift must be >= 0, got {config.data.augment_shift}")
   check(config.data.augment_shift == 0 or config.data.name != "toy2d",
         "data.augment_shift needs image data")
+  check(config.train.lr_schedule in LR_SCHEDULES,
+        f"unknown train.lr_schedule {config.train.lr_schedule!r}; choose one of {LR_SCHEDULES}")
+  check(0 <= config.train.final_lr <= 1,
+        f"train.final_lr must be in [0, 1], got {config.train.final_lr}")
   check(config.train.weight_decay >= 0,
         f"train.weight_decay must be >= 0, got {config.train.weight_decay}")
   b = config.train.batch_size

@@ -38,6 +38,8 @@ def tiny_config(**overrides):
     ({"data.augment_shift": -1}, "augment_shift must be >= 0"),
     ({"data.name": "toy2d", "data.augment_shift": 1}, "augment_shift needs image data"),
     ({"train.weight_decay": -0.1}, "weight_decay must be >= 0"),
+    ({"train.lr_schedule": "step"}, "unknown train.lr_schedule 'step'"),
+    ({"train.final_lr": 2.0}, "final_lr must be in [0, 1]"),
 ])
 def test_bad_config_fails_with_one_line(override, message):
   with pytest.raises(train.UsageError) as err:
@@ -177,6 +179,33 @@ def test_weight_decay_shrinks_kernels_only():
   updates, _ = opt.update(jax.tree.map(jnp.zeros_like, params), opt.init(params), params)
   np.testing.assert_allclose(updates["kernel"], -lr * wd * 2.0, rtol=1e-6)
   np.testing.assert_array_equal(updates["bias"], 0.0)
+
+
+def test_cosine_schedule_counts_every_update_of_every_round():
+  """With a constant gradient Adam's bias-corrected step is exactly the learning rate, so the
+  per-update moves trace the schedule: linear warm-up from lr/warmup_steps, then lr·(f + (1 − f)(1 + cos πu)/2)
+  with u the fraction of the decay, ending at f·lr after num_steps rounds × updates per round
+  (the diffenc decoder is updated m_updates = 2 times per round)."""
+  import jax.numpy as jnp
+  from diffenc_jax import em
+  rounds, per_round, warm, lr, f = 6, 2, 3, 1e-2, 0.1
+  config = tiny_config(**{"train.lr_schedule": "cosine", "train.final_lr": f,
+                          "train.num_steps": rounds, "train.warmup_steps": warm,
+                          "train.grad_clip": 1e9})
+  opt = em.optimizer_for(config, lr, per_round)
+  params = jnp.zeros(())
+  state = opt.init(params)
+  moves = []
+  for _ in range(rounds * per_round + 2):
+    updates, state = opt.update(jnp.ones(()), state, params)
+    moves.append(-float(updates))
+  total = rounds * per_round
+  expected = [lr / warm + (lr - lr / warm) * n / warm if n < warm else
+              lr * (f + (1 - f) * 0.5 * (1 + np.cos(np.pi * min(n - warm, total - warm)
+                                                     / (total - warm))))
+              for n in range(total + 2)]
+  np.testing.assert_allclose(moves, expected, rtol=1e-4)
+  assert moves[-1] == pytest.approx(f * lr, rel=1e-4)
 
 
 def test_decoder_dropout_only_in_the_training_loss():
