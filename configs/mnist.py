@@ -1,8 +1,14 @@
-"""Diffusion encoder + gaussian decoder on mnist5k (4,500 train / 500 held-out): the CPU default."""
+"""Diffusion encoder + gaussian decoder on mnist5k (4,500 train / 500 held-out): the CPU default.
+
+default.py's recipe, trained for 4,500 rounds with the learning rate decayed by a cosine to 0
+(about 9 minutes on the 2-core CPU; see README for the measured figures)."""
 
 from configs import default
 
 
 def get_config():
   config = default.get_config()
+  config.train.num_steps = 4500
+  config.train.lr_schedule = "cosine"
+  config.train.eval_every = 1500
   return config
