@@ -35,9 +35,24 @@ def test_compare_writes_table_and_plot_and_reuses_runs(tmp_path):
   mean, std = sum(p) / 2, abs(p[0] - p[1]) / 2 ** 0.5
   assert f"{mean:.2f} ± {std:.2f}" in text
   assert os.path.getsize(cfg.rd_plot) > 0
+  # each run records the device its wall time was measured on, and the table names it
+  assert {s["device"] for s in suites.values()} == {compare.describe_device()}
+  assert f"seconds of training on {compare.describe_device()}" in text
   # a finished run is reused, not trained again: suites untouched, the same table rows
   mtimes = {r: os.path.getmtime(tmp_path / "runs" / r / "suite.json") for r in suites}
   again = compare.compare(cfg)
   assert mtimes == {r: os.path.getmtime(tmp_path / "runs" / r / "suite.json") for r in suites}
   rows = lambda t: [line for line in t.splitlines() if line.startswith("| `")]
   assert rows(again) == rows(text)
+
+
+def test_method_config_sets_the_matched_budget_and_schedule():
+  cfg = compare_config.get_config()
+  cfg.num_steps, cfg.lr_schedule = 7, "cosine"
+  config = compare.method_config(cfg, "vae", seed=3, beta=4.0)
+  assert config.method == "vae"
+  assert (config.train.num_steps, config.train.lr_schedule) == (7, "cosine")
+  assert (config.seed, config.em.beta, config.train.eval_every) == (3, 4.0, 7)
+  # configs/mnist.py's own 4,500 cosine rounds do not leak into the comparison
+  diffenc = compare.method_config(compare_config.get_config(), "diffenc", seed=0)
+  assert (diffenc.train.num_steps, diffenc.train.lr_schedule) == (1500, "constant")
