@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from diffenc_jax import em, losses, models, samplers
+from diffenc_jax import em, losses, models
 
 Array = jax.Array
 DIFFAE_ENCODERS = ("conv", "resnet")
@@ -185,7 +185,8 @@ class DiffAE(Autoencoder):
   reaches the autoencoder (and the prior's loss does not depend on θ), so the autoencoder
   trains exactly as DiffAE's, while the prior tracks its moving codes and is ready at any
   checkpoint. DiffAE also standardises z with dataset statistics before fitting the prior;
-  here the raw codes are fitted and the prior's DDIM does not clip them.
+  here the raw codes are fitted, and the prior's sampler clips its predicted z_0 to
+  ±diffae.prior_clip (`em.LatentDDPMPrior`).
 
   `rate` is +∞ (a deterministic encoder carries unbounded information about x);
   `sample_latents` runs latent DDIM of the prior (diffae.prior_steps, diffae.prior_eta);
@@ -208,16 +209,13 @@ class DiffAE(Autoencoder):
     else:
       self.encoder = models.DeterministicEncoder(m.latent_dim, tuple(m.enc_channels),
                                                  m.enc_features)
-    self.prior = models.LatentPrior(m.latent_dim, hidden=d.prior_hidden,
-                                    num_blocks=d.prior_blocks)
+    self.prior = em.LatentDDPMPrior(config, self.schedule)
     self.optimizers["prior"] = em.optimizer_for(config, d.prior_lr, config.em.e_updates,
                                                 weight_decay=False)
 
   def init_params(self, key: Array) -> dict:
     k_ae, k_prior = jax.random.split(key)
-    z = jnp.zeros((1, self.latent_dim))
-    return {**super().init_params(k_ae),
-            "prior": self.prior.init(k_prior, z, jnp.zeros((1,)))}
+    return {**super().init_params(k_ae), "prior": self.prior.init(k_prior)}
 
   def encode(self, enc_params, x: Array, key: Array | None = None,
              num_steps: int | None = None) -> Array:
@@ -225,19 +223,11 @@ class DiffAE(Autoencoder):
     del key, num_steps
     return self.encoder.apply(enc_params, x)
 
-  def prior_eps_fn(self, prior_params):
-    return lambda z_t, t: self.prior.apply(prior_params, z_t, t)
-
-  def prior_loss(self, prior_params, z: Array, key: Array) -> Array:
-    """The latent prior's unit-weighted ε-MSE on stop_gradient(z) (B, d), per example (B,)."""
-    return losses.denoising_loss(self.prior_eps_fn(prior_params), jax.lax.stop_gradient(z), key,
-                                 self.schedule)
-
   def loss(self, params, x: Array, key: Array):
     k_dec, k_prior = jax.random.split(key)
     z = self.encode(params["encoder"], x)
     eps_mse = self.eps_mse(params["decoder"], x, z, k_dec).mean()
-    prior_loss = self.prior_loss(params["prior"], z, k_prior).mean()
+    prior_loss = self.prior.loss(params["prior"], z, k_prior).mean()
     return eps_mse + prior_loss, {"eps_mse": eps_mse, "prior_loss": prior_loss,
                                   "z_norm2": jnp.mean(jnp.sum(jnp.square(z), -1))}
 
@@ -248,9 +238,7 @@ class DiffAE(Autoencoder):
 
   def sample_latents(self, params, key: Array, n: int) -> Array:
     """n latents (n, d) from the latent DDPM prior, by latent DDIM."""
-    d = self.config.diffae
-    return samplers.latent_ddim(self.prior_eps_fn(params["prior"]), key, (n, self.latent_dim),
-                                self.schedule, d.prior_steps, eta=d.prior_eta)
+    return self.prior.sample(params["prior"], key, n)
 
 
 class DMZ(Autoencoder):

@@ -92,6 +92,44 @@ def eps_from_output(out: Array, z_t: Array, t: Array, schedule: schedules.Schedu
   return sigma * z_t + alpha * out
 
 
+class LatentDDPMPrior:
+  """A latent DDPM p(z) fitted to stop_gradient(z) of an encoder's codes, for sampling them:
+  `models.LatentPrior` (config.diffae.prior_hidden, prior_blocks) trained by the unit-weighted
+  ε-MSE on the latent schedule, sampled by latent DDIM (diffae.prior_steps, diffae.prior_eta)
+  with the predicted z_0 clipped to ±diffae.prior_clip. DiffAE's prior, and diffenc's when
+  em.latent_prior is set.
+
+  The clip matters: at the latent schedule's log-SNR of −15 the first DDIM steps multiply the
+  ε-network's error by up to σ/α ≈ 1,800; unclipped, a prior fitted to N((2, −1), diag(0.25,
+  2.25)) sampled means of (69, −24). So does the ancestral sampler (diffae.prior_eta = 1): the
+  deterministic one overstated that law's std by up to 2× (tests/test_train.py)."""
+
+  def __init__(self, config, schedule: schedules.Schedule):
+    d = config.diffae
+    self.config = config
+    self.schedule = schedule
+    self.latent_dim = config.model.latent_dim
+    self.module = models.LatentPrior(self.latent_dim, hidden=d.prior_hidden,
+                                     num_blocks=d.prior_blocks)
+
+  def init(self, key: Array):
+    return self.module.init(key, jnp.zeros((1, self.latent_dim)), jnp.zeros((1,)))
+
+  def eps_fn(self, params):
+    return lambda z_t, t: self.module.apply(params, z_t, t)
+
+  def loss(self, params, z: Array, key: Array) -> Array:
+    """ε-MSE per example (B,) on stop_gradient(z) (B, d)."""
+    return losses.denoising_loss(self.eps_fn(params), jax.lax.stop_gradient(z), key,
+                                 self.schedule)
+
+  def sample(self, params, key: Array, n: int) -> Array:
+    """n latents (n, d) by latent DDIM."""
+    d = self.config.diffae
+    return samplers.latent_ddim(self.eps_fn(params), key, (n, self.latent_dim), self.schedule,
+                                d.prior_steps, eta=d.prior_eta, clip=d.prior_clip)
+
+
 class DiffusionEncoder:
   """The method: static configuration plus pure functions over `TrainState` (the interface
   of `diffenc_jax.methods`)."""
@@ -124,6 +162,10 @@ class DiffusionEncoder:
     self.enc_opt = optimizer_for(config, config.train.enc_lr,
                                  em_.e_updates * em_.encoder_inner_steps)
     self.dec_opt = optimizer_for(config, config.train.dec_lr, em_.m_updates)
+    # optional latent DDPM prior over z⁰, one update per E-step, for sample_latents
+    self.prior = LatentDDPMPrior(config, self.schedule) if em_.latent_prior else None
+    self.prior_opt = (optimizer_for(config, config.diffae.prior_lr, em_.e_updates,
+                                    weight_decay=False) if em_.latent_prior else None)
 
   # --- parameters ----------------------------------------------------------------------
   def init_state(self, key: Array) -> TrainState:
@@ -138,6 +180,9 @@ class DiffusionEncoder:
       params["decoder"] = self.decoder.init(k_dec, x, t, z)
     opt_state = {"encoder": self.enc_opt.init(params["encoder"]),
                  "decoder": self.dec_opt.init(params["decoder"])}
+    if self.prior is not None:
+      params["prior"] = self.prior.init(jax.random.fold_in(key, 2))
+      opt_state["prior"] = self.prior_opt.init(params["prior"])
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
                       ema=jax.tree.map(jnp.copy, params))
 
@@ -178,8 +223,9 @@ class DiffusionEncoder:
                                 num_samples)
 
   def sample_latents(self, params, key: Array, n: int) -> Array:
-    """n latents from the prior p(z) = N(0, I)."""
-    del params
+    """n latents from the prior: N(0, I), or the fitted latent DDPM with em.latent_prior."""
+    if self.prior is not None:
+      return self.prior.sample(params["prior"], key, n)
     return jax.random.normal(key, (n, self.latent_dim))
 
   # --- decoder p_θ(x|z) ----------------------------------------------------------------
@@ -279,12 +325,29 @@ class DiffusionEncoder:
         params={**state.params, "encoder": enc},
         opt_state={**state.opt_state, "encoder": enc_opt},
         ema={**state.ema, "encoder": ema_update(state.ema["encoder"], enc, decay)})
+    prior_metrics = {}
+    if self.prior is not None:
+      state, prior_metrics["prior_loss"] = self.prior_step(state, lat["z0"],
+                                                           jax.random.fold_in(k_enc, 1))
     info = lat["info"]
     metrics = {"enc_loss": jnp.mean(jnp.stack(enc_losses)),
                "gap": jnp.mean(jnp.sum((zk - lat["z0"]) ** 2, -1)), "move": info.move_norm,
                "accept": info.accept_rate, "step_size": info.step_size,
-               "z0_norm2": jnp.mean(jnp.sum(lat["z0"] ** 2, -1))}
+               "z0_norm2": jnp.mean(jnp.sum(lat["z0"] ** 2, -1)), **prior_metrics}
     return state, metrics, {"z0": lat["z0"], "zK": zk}
+
+  def prior_step(self, state: TrainState, z0: Array, key: Array):
+    """One update of the latent prior on the encoder's own samples z⁰: (state, loss)."""
+    params, opt_state = state.params["prior"], state.opt_state["prior"]
+    loss, grads = jax.value_and_grad(lambda p: self.prior.loss(p, z0, key).mean())(params)
+    updates, opt_state = self.prior_opt.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    state = state.replace(
+        params={**state.params, "prior": params},
+        opt_state={**state.opt_state, "prior": opt_state},
+        ema={**state.ema, "prior": ema_update(state.ema["prior"], params,
+                                              self.config.train.ema_decay)})
+    return state, loss
 
   # --- M-step --------------------------------------------------------------------------
   def m_step(self, state: TrainState, x: Array, latents: dict[str, Array], key: Array):

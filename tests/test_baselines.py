@@ -121,7 +121,7 @@ def test_diffae_prior_learns_from_detached_codes(tmp_path):
   def prior_step(state, key):
     def prior_loss(params):
       z = method.encode(params["encoder"], x)
-      return method.prior_loss(params["prior"], z, key).mean()
+      return method.prior.loss(params["prior"], z, key).mean()
     grads = jax.grad(prior_loss)(state.params)
     return grads, method.apply_gradients(state, grads), method.sample_latents(state.params, key, 5)
 
