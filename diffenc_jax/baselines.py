@@ -28,6 +28,14 @@ Array = jax.Array
 DIFFAE_ENCODERS = ("conv", "resnet")
 
 
+def encoder_decoder_optimizers(config) -> dict[str, optax.GradientTransformation]:
+  """The encoder's and decoder's optimisers of a one-loss method: one update of each per batch
+  of a round (`OneLossMethod.train_round`), so a cosine rate decays over e_updates × rounds."""
+  e = config.em.e_updates
+  return {"encoder": em.optimizer_for(config, config.train.enc_lr, e),
+          "decoder": em.optimizer_for(config, config.train.dec_lr, e)}
+
+
 class OneLossMethod:
   """Mixin: a method trained by one scalar loss over every parameter group, without posterior
   refinement.
@@ -89,10 +97,7 @@ class Autoencoder(OneLossMethod):
     self.decoder = self.diffenc.decoder
     self.schedule = self.diffenc.schedule
     self.image_schedule = self.diffenc.image_schedule
-    # one update of each network per batch of a round (OneLossMethod.train_round)
-    e = config.em.e_updates
-    self.optimizers = {"encoder": em.optimizer_for(config, config.train.enc_lr, e),
-                       "decoder": em.optimizer_for(config, config.train.dec_lr, e)}
+    self.optimizers = encoder_decoder_optimizers(config)
 
   def init_params(self, key: Array) -> dict:
     k_enc, k_dec = jax.random.split(key)
@@ -328,10 +333,7 @@ class DiffusionEncoderJoint(OneLossMethod, em.DiffusionEncoder):
 
   def __init__(self, config, data_shape: tuple[int, ...]):
     super().__init__(config, data_shape)
-    # one joint update of both networks per batch of a round (OneLossMethod.train_round)
-    e = config.em.e_updates
-    self.optimizers = {"encoder": em.optimizer_for(config, config.train.enc_lr, e),
-                       "decoder": em.optimizer_for(config, config.train.dec_lr, e)}
+    self.optimizers = encoder_decoder_optimizers(config)
 
   def chain_energy(self, params, x: Array, key: Array) -> tuple[Array, Array]:
     """(β·U(z⁰) = NLL_θ(x|z⁰) + β ½‖z⁰‖² per example (B,), z⁰ (B, d)), with z⁰ the encoder's

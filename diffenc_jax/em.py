@@ -338,16 +338,20 @@ class DiffusionEncoder:
 
   def prior_step(self, state: TrainState, z0: Array, key: Array):
     """One update of the latent prior on the encoder's own samples z⁰: (state, loss)."""
-    params, opt_state = state.params["prior"], state.opt_state["prior"]
-    loss, grads = jax.value_and_grad(lambda p: self.prior.loss(p, z0, key).mean())(params)
-    updates, opt_state = self.prior_opt.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    state = state.replace(
-        params={**state.params, "prior": params},
-        opt_state={**state.opt_state, "prior": opt_state},
-        ema={**state.ema, "prior": ema_update(state.ema["prior"], params,
-                                              self.config.train.ema_decay)})
-    return state, loss
+    loss, grads = jax.value_and_grad(lambda p: self.prior.loss(p, z0, key).mean())(
+        state.params["prior"])
+    return self.apply_update(state, "prior", self.prior_opt, grads), loss
+
+  def apply_update(self, state: TrainState, name: str, opt: optax.GradientTransformation,
+                   grads) -> TrainState:
+    """One step of optimiser `opt` on the network `name`, then that network's EMA."""
+    updates, opt_state = opt.update(grads, state.opt_state[name], state.params[name])
+    params = optax.apply_updates(state.params[name], updates)
+    return state.replace(
+        params={**state.params, name: params},
+        opt_state={**state.opt_state, name: opt_state},
+        ema={**state.ema, name: ema_update(state.ema[name], params,
+                                           self.config.train.ema_decay)})
 
   # --- M-step --------------------------------------------------------------------------
   def m_step(self, state: TrainState, x: Array, latents: dict[str, Array], key: Array):
@@ -362,14 +366,7 @@ class DiffusionEncoder:
 
     (_, (loss_k, loss_0)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params["decoder"])
-    updates, dec_opt = self.dec_opt.update(grads, state.opt_state["decoder"],
-                                           state.params["decoder"])
-    dec = optax.apply_updates(state.params["decoder"], updates)
-    state = state.replace(
-        params={**state.params, "decoder": dec},
-        opt_state={**state.opt_state, "decoder": dec_opt},
-        ema={**state.ema, "decoder": ema_update(state.ema["decoder"], dec,
-                                                self.config.train.ema_decay)})
+    state = self.apply_update(state, "decoder", self.dec_opt, grads)
     return state, {"dec_loss_zK": loss_k, "dec_loss_z0": jnp.asarray(loss_0)}
 
   # --- one round -----------------------------------------------------------------------

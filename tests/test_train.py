@@ -227,16 +227,15 @@ def test_decoder_dropout_only_in_the_training_loss():
 def test_latent_prior_leaves_em_untouched_and_is_sampled():
   """em.latent_prior adds a prior fitted to detached z⁰ with its own key: the encoder and
   decoder of two rounds are bitwise those of a run without it; samples come from the prior."""
-  import jax.numpy as jnp
   from diffenc_jax import methods
   xs = jax.random.uniform(jax.random.key(1), (1, 8, 28, 28, 1), minval=-1, maxval=1)
   runs = {}
   for flag in (False, True):
     method = methods.get_method(tiny_config(**{"em.latent_prior": flag}), (28, 28, 1))
-    state = method.init_state(jax.random.key(0))
-    init = state
+    state = init = method.init_state(jax.random.key(0))
+    train_round = jax.jit(method.train_round)
     for i in range(2):
-      state, metrics = jax.jit(method.train_round)(state, xs, jax.random.key(10 + i))
+      state, metrics = train_round(state, xs, jax.random.key(10 + i))
     runs[flag] = (method, init, state, metrics)
   for net in ("encoder", "decoder"):
     for a, b in zip(jax.tree.leaves(runs[False][2].params[net]),
