@@ -20,6 +20,7 @@ def get_config():
   config.seeds = 3
   config.num_steps = 1500  # training rounds of every method (the matched budget)
   config.lr_schedule = "constant"  # every method's train.lr_schedule: constant | cosine
+  config.weight_decay = 0.0  # every method's train.weight_decay (AdamW; 0 = Adam)
   config.rd_methods = "diffenc,vae"
   config.rd_betas = "0.25,1,4"  # β = 1 reuses the seed-0 run of the table
   config.classifier_steps = 0  # feature classifier's training steps; 0 = its default

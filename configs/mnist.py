@@ -12,5 +12,6 @@ def get_config():
   config.train.num_steps = 4500
   config.train.lr_schedule = "cosine"
   config.train.eval_every = 1500
+  config.train.weight_decay = 0.1
   config.em.latent_prior = True
   return config

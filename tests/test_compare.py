@@ -48,11 +48,13 @@ def test_compare_writes_table_and_plot_and_reuses_runs(tmp_path):
 
 def test_method_config_sets_the_matched_budget_and_schedule():
   cfg = compare_config.get_config()
-  cfg.num_steps, cfg.lr_schedule = 7, "cosine"
+  cfg.num_steps, cfg.lr_schedule, cfg.weight_decay = 7, "cosine", 0.05
   config = compare.method_config(cfg, "vae", seed=3, beta=4.0)
   assert config.method == "vae"
   assert (config.train.num_steps, config.train.lr_schedule) == (7, "cosine")
+  assert config.train.weight_decay == 0.05
   assert (config.seed, config.em.beta, config.train.eval_every) == (3, 4.0, 7)
-  # configs/mnist.py's own 4,500 cosine rounds do not leak into the comparison
+  # configs/mnist.py's own 4,500 cosine rounds and weight decay do not leak into the comparison
   diffenc = compare.method_config(compare_config.get_config(), "diffenc", seed=0)
   assert (diffenc.train.num_steps, diffenc.train.lr_schedule) == (1500, "constant")
+  assert diffenc.train.weight_decay == 0.0
