@@ -307,12 +307,13 @@ def test_unet_rejects_bad_conditioning():
 
 
 @pytest.mark.parametrize("shape,kernel,strides", [
-    ((3, 28, 28, 5), (3, 3), (1, 1)),   # patch path (784 positions)
-    ((2, 48, 48, 3), (4, 4), (2, 2)),   # patch path, strided, even kernel (576 positions)
-    ((2, 8, 8, 4), (3, 3), (1, 1)),     # below the threshold: lax itself
+    ((3, 4, 4, 5), (3, 3), (1, 1)),     # im2col (16 positions)
+    ((2, 7, 7, 3), (4, 4), (2, 2)),     # im2col, strided, even kernel, odd size (16 positions)
+    ((2, 2, 2, 8), (1, 1), (1, 1)),     # im2col, 1×1
+    ((2, 8, 8, 4), (3, 3), (1, 1)),     # above the threshold: lax itself
 ])
 def test_conv_matches_flax_conv_in_value_and_every_derivative(shape, kernel, strides):
-  """layers.Conv is nn.Conv (same params) whose kernel derivative may go through im2col:
+  """layers.Conv is nn.Conv (same params), computed on small CPU maps as im2col @ kernel:
   value, reverse-mode gradients, forward-mode Jacobian in x and JVP in the kernel agree."""
   from diffenc_jax.models.layers import Conv
   x = jax.random.normal(jax.random.key(0), shape)
@@ -333,3 +334,25 @@ def test_conv_matches_flax_conv_in_value_and_every_derivative(shape, kernel, str
   tangent = jax.tree.map(jnp.ones_like, params)
   jvp = lambda m: jax.jvp(lambda p: m.apply(p, x), (params,), (tangent,))[1]
   close(jvp(ours), jvp(ref))
+
+
+@pytest.mark.parametrize("size", [(6, 8), (5, 7)])
+def test_upsample_is_a_nearest_resize_then_conv(size):
+  """Upsample: exact 2× by broadcasting (its fast path) or any size by jax.image.resize; both
+  equal nearest resizing followed by the block's 3×3 conv, in value and gradient."""
+  from diffenc_jax.models.layers import Upsample
+  x = jax.random.normal(jax.random.key(0), (2, 3, 4, 5))
+  block = Upsample()
+  params = block.init(jax.random.key(1), x, size)
+  conv = nn.Conv(5, (3, 3))
+
+  def reference(p, x):
+    return conv.apply({"params": p["params"]["Conv_0"]},
+                      jax.image.resize(x, (2, *size, 5), method="nearest"))
+
+  loss = lambda f: lambda p, x: jnp.sum(jnp.sin(f(p, x)))
+  ours = lambda p, x: block.apply(p, x, size)
+  np.testing.assert_allclose(ours(params, x), reference(params, x), atol=1e-5)
+  for a, b in zip(jax.tree.leaves(jax.grad(loss(ours), (0, 1))(params, x)),
+                  jax.tree.leaves(jax.grad(loss(reference), (0, 1))(params, x))):
+    np.testing.assert_allclose(a, b, atol=1e-4)

@@ -17,8 +17,11 @@ import jax.numpy as jnp
 
 zeros_init = nn.initializers.zeros
 _NHWC = ("NHWC", "HWIO", "NHWC")
-# below this many output positions XLA:CPU's own weight gradient is as fast (benchmarks/conv.py)
-PATCH_GRAD_MIN_POSITIONS = 512
+# XLA:CPU convolutions with at most this many output positions are computed as im2col patches
+# @ kernel: XLA's own conv is pathologically slow on such small maps (benchmarks/conv.py: a 3×3
+# 512→512 conv on 16×2×2 maps takes 95 ms forward and 195 ms for both gradients, against 1 and
+# 3 ms as a matmul), while on larger maps it is the faster of the two
+IM2COL_MAX_POSITIONS = 16
 
 
 def _patches(x: jax.Array, kernel_hw: tuple[int, int], strides, pads) -> jax.Array:
@@ -31,42 +34,22 @@ def _patches(x: jax.Array, kernel_hw: tuple[int, int], strides, pads) -> jax.Arr
                           for i in range(kh) for j in range(kw)], axis=-1)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
-def _conv_patch_grad(x, kernel, strides, pads):
-  return jax.lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=_NHWC)
-
-
-@functools.partial(_conv_patch_grad.defjvp, symbolic_zeros=True)
-def _conv_patch_grad_jvp(strides, pads, primals, tangents):
-  """The kernel's tangent as patches(x) @ dK: its transpose, the weight gradient, is then one
-  (kh·kw·C × B·H'·W') @ (B·H'·W' × C') matmul instead of XLA:CPU's slow window reduction. The
-  input's tangent stays a convolution (its transpose is XLA's input-gradient conv)."""
-  x, kernel = primals
-  x_dot, kernel_dot = tangents
-  out = _conv_patch_grad(x, kernel, strides, pads)
-  zero = jax.custom_derivatives.SymbolicZero
-  out_dot = jnp.zeros_like(out)
-  if not isinstance(x_dot, zero):
-    out_dot = out_dot + _conv_patch_grad(x_dot, kernel, strides, pads)
-  if not isinstance(kernel_dot, zero):
-    kh, kw, cin, cout = kernel.shape
-    cols = _patches(x, (kh, kw), strides, pads)
-    out_dot = out_dot + cols @ kernel_dot.reshape(kh * kw * cin, cout)
-  return out, out_dot
+def _conv_im2col(x, kernel, strides, pads):
+  """The convolution as one matmul of the im2col patches (B, H', W', kh·kw·C) by the kernel
+  reshaped to (kh·kw·C, C'); JAX differentiates the slices and the matmul directly."""
+  kh, kw, cin, cout = kernel.shape
+  return _patches(x, (kh, kw), strides, pads) @ kernel.reshape(kh * kw * cin, cout)
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
                          precision=None):
-  """`lax.conv_general_dilated` for `nn.Conv(conv_general_dilated=…)`, same value, faster
-  gradients on a CPU.
+  """`lax.conv_general_dilated` for `nn.Conv(conv_general_dilated=…)`: the same value and
+  derivatives, faster on small maps on a CPU.
 
-  XLA:CPU computes a kernel's gradient as a window reduction that runs ~10× slower than the
-  forward convolution when the image is large and the channels few (a 3×3 32→32 conv on
-  128×28×28: 70 ms forward, 1.2 s kernel gradient). On the CPU backend, for an undilated,
-  ungrouped NHWC conv with at least PATCH_GRAD_MIN_POSITIONS output positions, the kernel's
-  derivative goes through im2col patches and a matmul instead. Elsewhere (GPU, TPU, small
-  maps) this is `lax.conv_general_dilated` itself. Parameters are nn.Conv's own.
+  On the CPU backend, an undilated, ungrouped NHWC conv with at most IM2COL_MAX_POSITIONS
+  output positions is computed as im2col patches @ kernel (`_conv_im2col`). Elsewhere (GPU,
+  TPU, larger maps) this is `lax.conv_general_dilated` itself. Parameters are nn.Conv's own.
   """
   plain = functools.partial(
       jax.lax.conv_general_dilated, lhs, rhs, window_strides, padding,
@@ -76,7 +59,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
   nhwc = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
   undilated = all(d == 1 for d in (lhs_dilation or ()) + (rhs_dilation or ()))
   if (jax.default_backend() != "cpu" or lhs.ndim != 4 or feature_group_count != 1
-      or not undilated or precision is not None or rhs.shape[:2] == (1, 1)
+      or not undilated or precision is not None
       or jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) != nhwc):
     return plain()
   pads = (jax.lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
@@ -84,9 +67,9 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
   pads = tuple(tuple(int(p) for p in pair) for pair in pads)
   positions = math.prod((lhs.shape[1 + i] + sum(pads[i]) - rhs.shape[i]) // window_strides[i] + 1
                         for i in range(2))
-  if positions < PATCH_GRAD_MIN_POSITIONS:
+  if positions > IM2COL_MAX_POSITIONS:
     return plain()
-  return _conv_patch_grad(lhs, rhs, tuple(window_strides), pads)
+  return _conv_im2col(lhs, rhs, tuple(window_strides), pads)
 
 
 def Conv(features: int, kernel_size: Sequence[int], **kwargs) -> nn.Conv:  # pylint: disable=invalid-name
@@ -198,8 +181,12 @@ class Upsample(nn.Module):
 
   @nn.compact
   def __call__(self, x, size: Sequence[int]):
-    b, _, _, c = x.shape
-    x = jax.image.resize(x, (b, size[0], size[1], c), method="nearest")
+    b, h, w, c = x.shape
+    if tuple(size) == (2 * h, 2 * w):  # each pixel repeated 2×2: a broadcast, whose gradient
+      # is a sum (on XLA:CPU 3–6× faster than `jax.image.resize`'s gather and scatter-add)
+      x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)
+    else:
+      x = jax.image.resize(x, (b, size[0], size[1], c), method="nearest")
     return Conv(c, (3, 3))(x)
 
 
