@@ -111,9 +111,14 @@ class Autoencoder:
       trainer = train.Trainer(config, workdir)
     except train.UsageError:
       raise
-    except (ValueError, KeyError, AttributeError) as e:  # a data config this machine lacks
-      raise train.UsageError(f"cannot rebuild the model of {workdir}: "
-                             f"{str(e).splitlines()[0] if str(e) else repr(e)}") from e
+    except (ValueError, KeyError, AttributeError) as e:  # a data config this machine lacks,
+      first = str(e).splitlines()[0] if str(e) else repr(e)  # or a config field it lacks
+      field = first.strip("\"' ")
+      if isinstance(e, AttributeError) and field.isidentifier():  # ml_collections' message
+        raise train.UsageError(f"cannot rebuild the model of {workdir}: its config.json has no "
+                               f"field '{field}' (written by another version of diffenc_jax?)"
+                               ) from e
+      raise train.UsageError(f"cannot rebuild the model of {workdir}: {first}") from e
     try:
       if step is None and trainer.checkpoints.latest_step() is None:
         raise train.UsageError(f"no trained model in {workdir}: checkpoints/ is empty")

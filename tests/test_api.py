@@ -138,6 +138,23 @@ def test_load_without_a_model_is_one_clear_error(tmp_path, workdir):
     api.Autoencoder.load(workdir, step=3)
 
 
+def test_load_of_a_config_without_a_field_names_it(tmp_path, workdir):
+  """A workdir whose config.json lacks a field this version reads (one written before the
+  field existed) is one line naming the field; nothing in the workdir changes."""
+  import json
+  import shutil
+  old = tmp_path / "old_run"
+  shutil.copytree(workdir, old)
+  config = json.loads((old / "config.json").read_text())
+  del config["em"]["latent_prior"]
+  (old / "config.json").write_text(json.dumps(config))
+  before = sorted(str(p) for p in old.rglob("*"))
+  with pytest.raises(train.UsageError) as err:
+    api.Autoencoder.load(str(old))
+  assert "has no field 'latent_prior'" in str(err.value) and "\n" not in str(err.value)
+  assert sorted(str(p) for p in old.rglob("*")) == before
+
+
 def test_use_ema_picks_the_ema_parameters(workdir, model):
   ema = api.Autoencoder.load(workdir, use_ema=True, step=2)
   assert model.step == ema.step == 2 and not model.use_ema and ema.use_ema
