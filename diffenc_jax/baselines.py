@@ -215,8 +215,7 @@ class DiffAE(Autoencoder):
       self.encoder = models.DeterministicEncoder(m.latent_dim, tuple(m.enc_channels),
                                                  m.enc_features)
     self.prior = em.LatentDDPMPrior(config, self.schedule)
-    self.optimizers["prior"] = em.optimizer_for(config, d.prior_lr, config.em.e_updates,
-                                                weight_decay=False)
+    self.optimizers["prior"] = self.prior.optimizer
 
   def init_params(self, key: Array) -> dict:
     k_ae, k_prior = jax.random.split(key)

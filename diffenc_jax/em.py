@@ -111,6 +111,8 @@ class LatentDDPMPrior:
     self.latent_dim = config.model.latent_dim
     self.module = models.LatentPrior(self.latent_dim, hidden=d.prior_hidden,
                                      num_blocks=d.prior_blocks)
+    # Adam at diffae.prior_lr, one update per batch of a round, no weight decay
+    self.optimizer = optimizer_for(config, d.prior_lr, config.em.e_updates, weight_decay=False)
 
   def init(self, key: Array):
     return self.module.init(key, jnp.zeros((1, self.latent_dim)), jnp.zeros((1,)))
@@ -164,8 +166,6 @@ class DiffusionEncoder:
     self.dec_opt = optimizer_for(config, config.train.dec_lr, em_.m_updates)
     # optional latent DDPM prior over z⁰, one update per E-step, for sample_latents
     self.prior = LatentDDPMPrior(config, self.schedule) if em_.latent_prior else None
-    self.prior_opt = (optimizer_for(config, config.diffae.prior_lr, em_.e_updates,
-                                    weight_decay=False) if em_.latent_prior else None)
 
   # --- parameters ----------------------------------------------------------------------
   def init_state(self, key: Array) -> TrainState:
@@ -182,7 +182,7 @@ class DiffusionEncoder:
                  "decoder": self.dec_opt.init(params["decoder"])}
     if self.prior is not None:
       params["prior"] = self.prior.init(jax.random.fold_in(key, 2))
-      opt_state["prior"] = self.prior_opt.init(params["prior"])
+      opt_state["prior"] = self.prior.optimizer.init(params["prior"])
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
                       ema=jax.tree.map(jnp.copy, params))
 
@@ -340,7 +340,7 @@ class DiffusionEncoder:
     """One update of the latent prior on the encoder's own samples z⁰: (state, loss)."""
     loss, grads = jax.value_and_grad(lambda p: self.prior.loss(p, z0, key).mean())(
         state.params["prior"])
-    return self.apply_update(state, "prior", self.prior_opt, grads), loss
+    return self.apply_update(state, "prior", self.prior.optimizer, grads), loss
 
   def apply_update(self, state: TrainState, name: str, opt: optax.GradientTransformation,
                    grads) -> TrainState:
