@@ -42,14 +42,31 @@ def get_config() -> ml_collections.ConfigDict:
   model.dec_hidden = (1024, 1024)  # mlp
   model.dec_dropout = 0.0  # mlp: dropout of the hidden units in the decoder's training loss
   model.dec_channels = (64, 32)  # conv
-  # diffusion decoder (z-conditioned U-Net)
+  # diffusion decoder: a z-conditioned denoiser of config.image_schedule's diffusion
+  model.denoiser = "unet"  # unet | dit (transformer: matmul-bound, fast on a CPU)
+  # what the denoiser outputs, converted to ε̂: eps | v | x0
+  model.dec_parameterization = "v"
+  # training weighting w(t) of ‖ε − ε̂‖²: unit (DDPM's ε-MSE) | v (1 + 1/SNR: the v-MSE) | x0 |
+  # vlb | p2 (1/(1+SNR)^γ) | min_snr (min(SNR, γ)/SNR). The unit ε-MSE spends the gradient at
+  # low noise, where x_t already fixes x and z is useless: decoders trained with it ignored z
+  # for thousands of rounds. The NLL (E-step, VAE) is always the ELBO, whatever this says.
+  model.dec_weighting = "v"
+  model.dec_weighting_gamma = 1.0  # γ of p2 and min_snr
+  # transformer denoiser (DiT-style, adaLN-Zero by time and z): p×p patches are the tokens
+  model.dit_patch_size = 7
+  model.dit_width = 128
+  model.dit_depth = 4
+  model.dit_heads = 4
+  # U-Net denoiser
   model.unet_channels = 32
   model.unet_channel_mult = (1, 2)
   model.unet_num_res_blocks = 1
   model.unet_attn_resolutions = ()
   model.unet_emb_dim = 128
   model.unet_dropout = 0.0
-  model.unet_conditioning = "adagn"  # adagn | film | xattn
+  # scale: (1 + Dense(z)) scales each ResBlock's time-modulated features (DiffAE's code) |
+  # adagn: Dense(z) added to the time embedding | film: a second FiLM by z | xattn: one token
+  model.unet_conditioning = "adagn"
 
   # --- diffusion schedules ----------------------------------------------------------------
   # name: cosine | linear_logsnr; log-SNR λ runs from logsnr_max (t = 0) to logsnr_min (t = 1)
@@ -107,6 +124,9 @@ def get_config() -> ml_collections.ConfigDict:
   diffae.prior_hidden = 256
   diffae.prior_blocks = 3
   diffae.prior_lr = 1e-3
+  # fit the prior to z standardised by running dataset statistics, de-standardise its samples
+  # (DiffAE's z-normalisation); diffenc's em.latent_prior uses it too
+  diffae.prior_normalize = False
   diffae.prior_steps = 50  # latent DDIM steps when sampling z from the prior
   # 0 = deterministic DDIM, 1 = ancestral. On a prior fitted to a 2-D gaussian, 50 steps with
   # η = 0 sampled std (0.97, 2.02) for (0.5, 1.5), with η = 1 (0.50, 1.54) (tests/test_train.py)

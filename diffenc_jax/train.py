@@ -25,8 +25,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from diffenc_jax import (baselines, data, em, evaluate, losses, methods, models, samplers,
-                         schedules, visualize)
+from diffenc_jax import (baselines, data, decoders, em, evaluate, losses, methods, models,
+                         samplers, schedules, visualize)
 
 MODES = ("train", "eval", "reconstruct", "sample", "encode")
 LR_SCHEDULES = ("constant", "cosine")
@@ -60,6 +60,19 @@ def validate_config(config, num_devices: int | None = None) -> None:
   check(m.enc_weighting in losses.WEIGHTINGS,
         f"unknown model.enc_weighting {m.enc_weighting!r}; choose one of {losses.WEIGHTINGS}")
   check(m.sigma_x > 0, f"model.sigma_x must be > 0, got {m.sigma_x}")
+  check(m.denoiser in decoders.DENOISERS,
+        f"unknown model.denoiser {m.denoiser!r}; choose one of {decoders.DENOISERS}")
+  check(m.dec_parameterization in losses.PARAMETERIZATIONS,
+        f"unknown model.dec_parameterization {m.dec_parameterization!r}; "
+        f"choose one of {losses.PARAMETERIZATIONS}")
+  check(m.dec_weighting in losses.WEIGHTINGS,
+        f"unknown model.dec_weighting {m.dec_weighting!r}; choose one of {losses.WEIGHTINGS}")
+  check(m.dec_weighting_gamma > 0,
+        f"model.dec_weighting_gamma must be > 0, got {m.dec_weighting_gamma}")
+  if m.decoder == "diffusion" and m.denoiser == "dit":
+    check(all(v > 0 for v in (m.dit_patch_size, m.dit_width, m.dit_depth, m.dit_heads)), "model.dit_patch_size, dit_width, dit_depth and dit_heads must be > 0")
+    check(m.dit_width % m.dit_heads == 0,
+          f"model.dit_width={m.dit_width} is not divisible by model.dit_heads={m.dit_heads}")
   for name in ("schedule", "image_schedule"):
     check(config[name].name in schedules.SCHEDULES,
           f"unknown {name}.name {config[name].name!r}; choose one of {sorted(schedules.SCHEDULES)}")
@@ -84,7 +97,8 @@ def validate_config(config, num_devices: int | None = None) -> None:
           "diffae.encoder='resnet' needs image data")
     check(dae.prior_steps >= 1, f"diffae.prior_steps must be >= 1, got {dae.prior_steps}")
   if config.method == "dmz":
-    check(m.unet_conditioning == "xattn", "method 'dmz' feeds z as one cross-attention token: "
+    check(m.denoiser != "unet" or m.unet_conditioning == "xattn",
+          "method 'dmz' feeds z to the U-Net as one cross-attention token: "
           "needs model.unet_conditioning='xattn'")
     check(config.dmz.temperature > 0, f"dmz.temperature must be > 0, got {config.dmz.temperature}")
     check(config.dmz.input_perturbation >= 0,

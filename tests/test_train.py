@@ -218,9 +218,9 @@ def test_decoder_dropout_only_in_the_training_loss():
   dropped = methods.get_method(tiny_config(**{"model.dec_dropout": 0.5}), (28, 28, 1))
   params = plain.init_state(jax.random.key(0)).params["decoder"]
   nll = plain.nll(params, x, z, None)
-  np.testing.assert_array_equal(plain.decoder_loss(params, x, z, jax.random.key(3)), nll)
-  np.testing.assert_array_equal(dropped.decoder_mean(params, z), plain.decoder_mean(params, z))
-  a, b = (dropped.decoder_loss(params, x, z, jax.random.key(k)) for k in (3, 4))
+  np.testing.assert_array_equal(plain.decoder.loss(params, x, z, jax.random.key(3)), nll)
+  np.testing.assert_array_equal(dropped.decoder.mean(params, z), plain.decoder.mean(params, z))
+  a, b = (dropped.decoder.loss(params, x, z, jax.random.key(k)) for k in (3, 4))
   assert not np.allclose(a, nll) and not np.allclose(a, b)
 
 
