@@ -109,7 +109,7 @@ def get_config() -> ml_collections.ConfigDict:
   # sample through it instead of N(0, I), which the codes' aggregate distribution need not match
   em.latent_prior = False
 
-  # --- baselines (DESIGN.md §2; diffenc_jax/baselines.py) ----------------------------------
+  # --- baselines (docs/method.md §2; diffenc_jax/baselines.py) -----------------------------
   # vae: β is em.beta and the encoder GaussianEncoder(enc_channels, enc_features).
   # diffenc_joint: no fields of its own (em.beta, em.encoder_noise_draws, encoder_sampler).
   config.diffae = diffae = ml_collections.ConfigDict()

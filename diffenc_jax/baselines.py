@@ -1,4 +1,4 @@
-"""The baselines of DESIGN.md §2, behind the method interface of `diffenc_jax.methods`.
+"""The baselines of docs/method.md §2, behind the method interface of `diffenc_jax.methods`.
 
     vae            Gaussian encoder, reparameterised; NLL + β KL
     diffae         deterministic encoder, z-conditioned U-Net (AdaGN); ε-MSE through z;
@@ -315,10 +315,10 @@ class DiffusionEncoderJoint(OneLossMethod, em.DiffusionEncoder):
       NLL_θ(x | z⁰) + β ½‖z⁰‖²  +  L_enc(φ; x, stop_gradient(z⁰)),
   with z⁰ differentiable in φ through every sampler step, θ and φ updated in one step.
   The first two terms are β·U(z⁰), the energy U = NLL/β − log p(z) + const that the E-step's
-  Langevin chain descends (DESIGN.md §1), here descended by φ through the sampler instead of
+  Langevin chain descends (docs/method.md §1.5), here descended by φ through the sampler instead of
   by z; the last is the encoder's own denoising loss (em.encoder_noise_draws draws), which EM
   applies on z^K and which here, with no refinement, applies on the encoder's own sample. This
-  is "one loss, gradient through the DDIM chain" (DESIGN.md §2) with everything else equal to
+  is "one loss, gradient through the DDIM chain" (docs/method.md §2) with everything else equal to
   EM: same U, β, networks and encoder loss, and the opposing pulls — the decoder's pressure
   through the chain and the denoising update — meet in one gradient instead of alternating.
   The decoder sees the same U: the exact NLL for the gaussian decoder, the ELBO bound (not the

@@ -1,4 +1,4 @@
-"""The Diffusion Encoder trained by EM (DESIGN.md §1): pure, jittable E- and M-steps.
+"""The Diffusion Encoder trained by EM (docs/method.md §1): pure, jittable E- and M-steps.
 
 `DiffusionEncoder(config, info)` holds only static things (networks, schedules, optimisers);
 every method is a pure function of explicit arrays, e.g.

@@ -224,7 +224,7 @@ def rate_estimate(
       d/dt KL(q_t ‖ N(0, I)) = −(β(t)/2) E ‖∇log q_t(z) + z‖²,   β(t) = −λ'(t) σ_t²,
   so with the model's score −ε̂/σ_t,
       R = E_{t ~ U(0,1), ε} [ ½ (−λ'(t)) ‖σ_t z_t − ε̂(z_t, t)‖² ] + KL(q_1 ‖ N(0, I)),
-  z_t = α_t z_0 + σ_t ε (DESIGN.md §1). The last term is of order α_1² and dropped. Each of the
+  z_t = α_t z_0 + σ_t ε (docs/method.md §1.8). The last term is of order α_1² and dropped. Each of the
   `num_samples` draws uses its own (t, ε); t is drawn uniformly in log-SNR, stratified. The expectation over
   z0 ~ q(·|x) is the caller's: pass several z0 per x and average.
   """
