@@ -166,4 +166,10 @@ def get_config() -> ml_collections.ConfigDict:
   ev.num_images = 64  # images in PNG grids
   ev.use_ema = False  # evaluate the EMA parameters instead of the raw ones
   ev.decoder_steps = 50  # diffusion decoder: image DDIM steps when decoding
+  # held-out failure detectors beside PSNR: recon_acc, the share of reconstructions that a small
+  # CNN (trained once on the train split for this many steps, cached in classifier_dir, default
+  # ~/.cache/diffenc_jax; 0 = off) recognises as their digit; probe_acc, a linear probe of z⁰
+  ev.classifier_steps = 400
+  ev.classifier_dir = ""
+  ev.probe = True
   return config

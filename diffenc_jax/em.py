@@ -126,7 +126,8 @@ class LatentDDPMPrior:
                         stats, new)
 
   @staticmethod
-  def _mean_std(stats):
+  def mean_std(stats: dict[str, Array]) -> tuple[Array, Array]:
+    """(mean (d,), std (d,)) of the running statistics (std floored at 1e-3)."""
     std = jnp.sqrt(jnp.maximum(stats["sq"] - jnp.square(stats["mean"]), 1e-6))
     return stats["mean"], std
 
@@ -137,7 +138,7 @@ class LatentDDPMPrior:
     """ε-MSE per example (B,) on stop_gradient(z) (B, d), standardised by `stats` if given."""
     z = jax.lax.stop_gradient(z)
     if stats is not None:
-      mean, std = self._mean_std(stats)
+      mean, std = self.mean_std(stats)
       z = (z - mean) / std
     return losses.denoising_loss(self.eps_fn(params), z, key, self.schedule)
 
@@ -147,7 +148,7 @@ class LatentDDPMPrior:
     z = samplers.latent_ddim(self.eps_fn(params), key, (n, self.latent_dim), self.schedule,
                              d.prior_steps, eta=d.prior_eta, clip=d.prior_clip)
     if stats is not None:
-      mean, std = self._mean_std(stats)
+      mean, std = self.mean_std(stats)
       z = mean + std * z
     return z
 
