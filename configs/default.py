@@ -93,6 +93,10 @@ def get_config() -> ml_collections.ConfigDict:
   em.encoder_inner_steps = 1  # encoder denoising updates per E-step on the same (x, z^K)
   em.encoder_noise_draws = 4  # (t, ε) draws per (x, z^K) pair in each encoder update
   em.prox_weight = 0.0  # λ_prox: ½ λ_prox ‖z − z⁰‖² added to U
+  # rounds of a DiffAE-style joint warm-up before EM (`DiffusionEncoder.joint_round`): the
+  # decoder's loss on z⁰ reaches the encoder through its sampler, so that z is informative
+  # when EM starts (a diffusion decoder that ignores z is a fixed point of EM)
+  em.joint_warmup_rounds = 0
   em.langevin = langevin = ml_collections.ConfigDict()
   langevin.num_steps = 5
   langevin.step_rule = "gauss_newton"  # fixed | snr | gauss_newton

@@ -357,9 +357,9 @@ class DiffusionEncoder:
     return state, {"dec_loss_zK": loss_k, "dec_loss_z0": jnp.asarray(loss_0)}
 
   # --- one round -----------------------------------------------------------------------
-  def train_round(self, state: TrainState, xs: Array, key: Array):
+  def em_round(self, state: TrainState, xs: Array, key: Array):
     """e_updates E-steps, one per batch of xs (E, B, ...), then m_updates M-steps reusing
-    those batches' latents in turn. Returns (state with step + 1, metrics)."""
+    those batches' latents in turn. Returns (state, metrics); the step is not advanced."""
     # e_updates and m_updates are small config integers: trace-time loops (see e_step)
     num_e = xs.shape[0]
     e_metrics, lats = [], []
@@ -372,5 +372,53 @@ class DiffusionEncoder:
       state, metrics = self.m_step(state, xs[i % num_e], lats[i % num_e],
                                    jax.random.fold_in(key, num_e + i))
       m_metrics.append(metrics)
-    mean = lambda ms: jax.tree.map(lambda *v: jnp.mean(jnp.stack(v)), *ms)
-    return state.replace(step=state.step + 1), {**mean(e_metrics), **mean(m_metrics)}
+    return state, {**_mean(e_metrics), **_mean(m_metrics)}
+
+  def joint_round(self, state: TrainState, xs: Array, key: Array):
+    """The warm-up's round (em.joint_warmup_rounds): per batch of xs one joint update of the
+    encoder and decoder, DiffAE-style: the decoder's training loss on the encoder's own DDIM
+    sample z⁰, its gradient reaching φ through the sampler's steps, plus the encoder's
+    denoising loss on stop_gradient(z⁰). It makes z informative before EM starts: EM from a
+    decoder that ignores z stays there (docs/method.md §4). Returns (state, metrics)."""
+    metrics = []
+    for i in range(xs.shape[0]):
+      x = xs[i]
+      k_enc, k_dec, k_den = jax.random.split(jax.random.fold_in(key, i), 3)
+
+      def loss_fn(params):
+        z0 = self.encode(params["encoder"], x, k_enc)
+        dec = self.decoder.loss(params["decoder"], x, z0, k_dec).mean()
+        enc = self.encoder_loss(params["encoder"], x, jax.lax.stop_gradient(z0), k_den)
+        return dec + enc, (dec, enc, z0)
+
+      grads, (dec, enc, z0) = jax.grad(loss_fn, has_aux=True)(state.params)
+      state = self.apply_update(state, "encoder", self.enc_opt, grads["encoder"])
+      state = self.apply_update(state, "decoder", self.dec_opt, grads["decoder"])
+      if self.prior is not None:
+        state, _ = self.prior_step(state, jax.lax.stop_gradient(z0), jax.random.fold_in(k_den, 1))
+      metrics.append({"enc_loss": enc, "dec_loss_z0": dec,
+                      "z0_norm2": jnp.mean(jnp.sum(jnp.square(z0), -1))})
+    return state, _mean(metrics)
+
+  def train_round(self, state: TrainState, xs: Array, key: Array):
+    """One round: `em_round`, or `joint_round` while state.step < em.joint_warmup_rounds
+    (one program, `lax.cond`; the warm-up's metrics fill EM's keys it lacks with 0). Returns
+    (state with step + 1, metrics)."""
+    warmup = self.config.em.joint_warmup_rounds
+    if not warmup:
+      state, metrics = self.em_round(state, xs, key)
+      return state.replace(step=state.step + 1), metrics
+    em_metrics = jax.eval_shape(self.em_round, state, xs, key)[1]
+
+    def joint(state):
+      state, metrics = self.joint_round(state, xs, key)
+      return state, {k: metrics.get(k, jnp.zeros(v.shape, v.dtype)) for k, v in em_metrics.items()}
+
+    state, metrics = jax.lax.cond(state.step < warmup, joint,
+                                  lambda s: self.em_round(s, xs, key), state)
+    return state.replace(step=state.step + 1), metrics
+
+
+def _mean(metrics: list[dict]) -> dict:
+  """The per-key mean of a list of metric dicts."""
+  return jax.tree.map(lambda *v: jnp.mean(jnp.stack(v)), *metrics)

@@ -145,3 +145,36 @@ def test_every_method_composes_a_decoder_of_the_config(method, decoder, denoiser
   assert m.decoder.nll(params, x, z, jax.random.key(1)).shape == (2,)
   assert m.decoder.loss(params, x, z, jax.random.key(1)).shape == (2,)
   assert m.decode(params, z, jax.random.key(1)).shape == (2, 28, 28, 1)
+
+
+def test_joint_warmup_rounds_then_em_rounds():
+  """em.joint_warmup_rounds: rounds before it are `joint_round` (the decoder's loss reaches the
+  encoder through the sampler), later ones `em_round`, each as called alone."""
+  config = tiny.get_config()
+  config.model.decoder, config.model.denoiser = "diffusion", "dit"
+  config.model.dit_width, config.em.joint_warmup_rounds = 16, 1
+  config.em.langevin.step_rule, config.em.langevin.mala = "fixed", False
+  m = methods.get_method(config, (28, 28, 1))
+  state = jax.jit(m.init_state)(jax.random.key(0))
+  xs = jax.random.uniform(jax.random.key(1), (1, 8, 28, 28, 1), minval=-1, maxval=1)
+  key = jax.random.key(2)
+  round_fn = jax.jit(m.train_round)
+  warm, _ = round_fn(state, xs, key)
+  joint, _ = jax.jit(m.joint_round)(state, xs, key)
+  # equal up to XLA's fusion of one program vs another (a wrong branch differs by ≫ 1e-6)
+  chex_equal = lambda a, b: jax.tree.map(
+      lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6), a, b)
+  chex_equal(warm.params, joint.params)
+  after, metrics = round_fn(warm, xs, key)
+  em_state, em_metrics = jax.jit(m.em_round)(warm, xs, key)
+  chex_equal(after.params, em_state.params)
+  assert int(after.step) == 2 and set(metrics) == set(em_metrics)
+  # the warm-up's encoder update carries the decoder's gradient: without it, it differs
+  x = xs[0]
+  k_enc, k_dec, k_den = jax.random.split(jax.random.fold_in(key, 0), 3)
+  enc_only = jax.grad(lambda p: m.encoder_loss(
+      p, x, jax.lax.stop_gradient(m.encode(p, x, k_enc)), k_den))(state.params["encoder"])
+  alone = m.apply_update(state, "encoder", m.enc_opt, enc_only)
+  diff = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), alone.params["encoder"],
+                      joint.params["encoder"])
+  assert max(jax.tree.leaves(diff)) > 0
