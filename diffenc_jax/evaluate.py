@@ -79,12 +79,20 @@ class HeldOut:
     if info is not None:  # methods with a posterior refinement of z⁰
       out["move"] = jnp.full((x.shape[0],), info.move_norm)
       out["accept"] = jnp.full((x.shape[0],), info.accept_rate)
+    decoder = self.method.decoder
+    if decoder.kind == "diffusion":  # autoencoding through z⁰ and x's own DDIM-inverted x_T
+      dec_params = params["decoder"]
+      x_T = decoder.encode_stochastic(dec_params, x, z0)
+      out["mse_xT"] = unit_mse(x, decoder.decode(dec_params, z0, k_rec, x_T=x_T))
     return out, z0, jnp.clip(x0, -1.0, 1.0)
 
   def evaluate(self, state, key=None) -> dict[str, float]:
     """Metrics over the whole held-out split (EMA params if config.eval.use_ema):
 
-    psnr_z0, psnr_zK  reconstruction PSNR from the encoder's z⁰ / the refined z^K;
+    psnr_z0, psnr_zK  reconstruction PSNR from the encoder's z⁰ / the refined z^K (a diffusion
+                      decoder decodes from a random x_T);
+    psnr_xT           (diffusion decoder) PSNR decoding z⁰ from x's own x_T, the decoder's
+                      DDIM inversion of x given z⁰ (DiffAE's autoencoding);
     rate_nats/bits    the method's rate estimate; gap E‖z^K − z⁰‖²;
     distinct_codes    how many different z⁰ the split's images get (rows equal after rounding
                       to DISTINCT_DECIMALS decimals; a collapsed encoder gets few);
@@ -107,6 +115,7 @@ class HeldOut:
       n += len(x)
     mean = {k: v / n for k, v in sums.items()}
     result = {"psnr_z0": psnr_from_mse(mean["mse_z0"]), "psnr_zK": psnr_from_mse(mean["mse_zK"]),
+              **({"psnr_xT": psnr_from_mse(mean["mse_xT"])} if "mse_xT" in mean else {}),
               "rate_nats": mean["rate_nats"], "rate_bits": mean["rate_nats"] / math.log(2),
               **mean, "distinct_codes": distinct_codes(np.concatenate(codes))}
     if self.classifier is not None:
@@ -116,7 +125,7 @@ class HeldOut:
     if self.config.eval.probe:
       result["probe_acc"] = probe_accuracy(self.config, self.method, params,
                                            np.concatenate(codes), self.labels,
-                                           jax.random.fold_in(key, -1))
+                                           jax.random.fold_in(key, len(self.images)))
     return result
 
 
