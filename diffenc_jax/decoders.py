@@ -110,16 +110,17 @@ class DiffusionDecoder:
     x = jnp.zeros((1,) + self.data_shape)
     return self.network.init(key, x, jnp.zeros((1,)), jnp.zeros((1, self.latent_dim)))
 
-  def eps_fn(self, params, z: Array, train: bool = False, key: Array | None = None):
-    """ε̂(x_t, t) given z (B, d): the denoiser's output converted to ε. train=True with a key
-    turns dropout on (U-Net)."""
+  def predict_fn(self, params, z: Array, train: bool = False, key: Array | None = None):
+    """The denoiser's raw output (ε̂, v̂ or x̂₀) as a function of (x_t, t), given z (B, d).
+    train=True with a key turns dropout on (U-Net)."""
     rngs = {"dropout": key} if train and key is not None else None
+    return lambda x_t, t: self.network.apply(params, x_t, t, z, train=train, rngs=rngs)
 
-    def eps(x_t, t):
-      out = self.network.apply(params, x_t, t, z, train=train, rngs=rngs)
-      return losses.eps_from_prediction(out, x_t, t, self.schedule, self.parameterization)
-
-    return eps
+  def eps_fn(self, params, z: Array):
+    """ε̂(x_t, t) given z (B, d): the denoiser's output converted to ε."""
+    predict = self.predict_fn(params, z)
+    return lambda x_t, t: losses.eps_from_prediction(predict(x_t, t), x_t, t, self.schedule,
+                                                     self.parameterization)
 
   def nll(self, params, x: Array, z: Array, key: Array, num_samples: int | None = None) -> Array:
     """Continuous-time ELBO bound on −log p_θ(x|z) per example (B,), nats; `num_samples`
@@ -131,9 +132,10 @@ class DiffusionDecoder:
            input_perturbation: float = 0.0) -> Array:
     """Weighted denoising loss (B,) on (x, z), dropout on; DDPM-IP's γ = input_perturbation."""
     k_loss, k_drop = jax.random.split(key)
-    return losses.denoising_loss(self.eps_fn(params, z, True, k_drop), x, k_loss, self.schedule,
-                                 weighting=self.weighting, gamma=self.gamma,
-                                 input_perturbation=input_perturbation)
+    return losses.denoising_loss(self.predict_fn(params, z, True, k_drop), x, k_loss,
+                                 self.schedule, weighting=self.weighting, gamma=self.gamma,
+                                 input_perturbation=input_perturbation,
+                                 parameterization=self.parameterization)
 
   def decode(self, params, z: Array, key: Array, num_steps: int | None = None,
              x_T: Array | None = None) -> Array:

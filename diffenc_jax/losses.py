@@ -106,21 +106,27 @@ def denoising_loss(
     gamma: float = 1.0,
     input_perturbation: float = 0.0,
     t: Array | None = None,
+    parameterization: str = "eps",
 ) -> Array:
   """Weighted ε-prediction loss w(t) ‖ε − ε̂(α_t x_0 + σ_t ε, t)‖², summed over dimensions.
   Shape (B,).
 
   Args:
-    eps_fn: (x_t (B, ...), t (B,)) -> ε̂ (B, ...) (a network of another parameterisation is
-      converted first, `eps_from_prediction`).
+    eps_fn: (x_t (B, ...), t (B,)) -> the network's output (B, ...): ε̂ itself, or with
+      `parameterization` 'v' / 'x0' its v̂ / x̂_0, converted to ε̂ here by `eps_from_prediction`
+      at the clean x_t.
     x0: clean data, latents (B, d) or images (B, H, W, C).
     key: PRNG key for t and ε.
     schedule: the noise schedule.
     weighting, gamma: the weight w(t), see `loss_weight` ('unit' is the usual DDPM objective;
       'v' on a v-predicting network is its v-MSE).
     input_perturbation: DDPM-IP's γ: the network sees α_t x_0 + σ_t (ε + γ ξ) but must still
-      predict ε (0 disables it).
+      predict the clean sample's ε (0 disables it). For a v or x₀ network the target is the
+      clean sample's v or x₀: its output is converted at the clean x_t, so with the 'v'
+      weighting the loss is ‖v − v̂‖² exactly (converted at the perturbed x_t, the ε error
+      would carry σ²γξ, which 1/α² blows up at high noise).
     t: optional times (B,) in [0, 1]; drawn uniformly when None.
+    parameterization: what eps_fn returns: 'eps' (default), 'v' or 'x0'.
   """
   if weighting not in WEIGHTINGS:
     raise ValueError(f"unknown weighting {weighting!r}; choose one of {WEIGHTINGS}")
@@ -133,7 +139,11 @@ def denoising_loss(
   if input_perturbation:
     noise = eps + input_perturbation * jax.random.normal(key_ip, x0.shape, x0.dtype)
   x_t = _bcast(alpha, x0) * x0 + _bcast(sigma, x0) * noise
-  loss = _sum_per_example(jnp.square(eps - eps_fn(x_t, t)))
+  eps_hat = eps_fn(x_t, t)
+  if parameterization != "eps":
+    x_clean = x_t if not input_perturbation else _bcast(alpha, x0) * x0 + _bcast(sigma, x0) * eps
+    eps_hat = eps_from_prediction(eps_hat, x_clean, t, schedule, parameterization)
+  loss = _sum_per_example(jnp.square(eps - eps_hat))
   if weighting == "unit":
     return loss
   return loss_weight(weighting, schedule, t, gamma) * loss

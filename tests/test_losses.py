@@ -90,6 +90,23 @@ def test_v_weighting_of_a_v_network_is_its_v_mse():
   np.testing.assert_allclose(loss, v_mse, rtol=2e-4)
 
 
+def test_input_perturbation_of_a_v_network_targets_the_clean_v():
+  """DDPM-IP on a v network: it sees the perturbed x_t, the loss is ‖v − v̂‖² with v the clean
+  sample's (the output converted at the clean x_t), bounded where α → 0."""
+  n, d, gamma = 64, 6, 0.1
+  x0 = jax.random.normal(jax.random.key(0), (n, d))
+  v_hat = lambda x_t, t: 0.3 * x_t + jnp.sin(t)[:, None]
+  t = jax.random.uniform(jax.random.key(2), (n,))
+  loss = losses.denoising_loss(v_hat, x0, jax.random.key(1), SCHED, weighting="v", t=t,
+                               input_perturbation=gamma, parameterization="v")
+  _, k_eps, k_ip = jax.random.split(jax.random.key(1), 3)
+  eps, xi = jax.random.normal(k_eps, x0.shape), jax.random.normal(k_ip, x0.shape)
+  alpha, sigma = (a[:, None] for a in SCHED.alpha_sigma(t))
+  seen = alpha * x0 + sigma * (eps + gamma * xi)
+  np.testing.assert_allclose(loss, jnp.sum(jnp.square(alpha * eps - sigma * x0 - v_hat(seen, t)), -1),
+                             rtol=2e-4)
+
+
 def test_denoising_loss_input_perturbation_raises_loss():
   """DDPM-IP: the net sees ε + γξ but must predict ε, so the optimum's loss grows by ~γ²·gain."""
   n, d = 20_000, 4
