@@ -140,6 +140,9 @@ def get_config() -> ml_collections.ConfigDict:
   diffae.prior_clip = 10.0
   config.dmz = dmz = ml_collections.ConfigDict()
   dmz.temperature = 0.5  # relaxed-Bernoulli (Gumbel-sigmoid) temperature of the training codes
+  # training codes rounded to {0, 1} in the forward pass (straight-through gradient)
+  dmz.straight_through = False
+  dmz.noise_scale = 1.0  # scale of the logistic noise of the training codes (1: binary concrete)
   dmz.input_perturbation = 0.1  # DDPM-IP's γ in the decoder's ε-MSE
   dmz.sample_steps = 10  # respaced image DDIM steps when decoding (reconstruction and samples)
 

@@ -256,7 +256,9 @@ class DMZ(Autoencoder):
 
   Training codes are soft: z = sigmoid((logits + L)/τ), L ~ Logistic(0, 1) (binary concrete,
   τ = dmz.temperature), strictly inside (0, 1) and differentiable; evaluation codes are hard,
-  z = 1[logits > 0] ∈ {0, 1}^d. Loss, batch mean of the decoder's loss (DMZ's: the unit ε-MSE;
+  z = 1[logits > 0] ∈ {0, 1}^d. With dmz.straight_through the training codes are the relaxed
+  sample rounded to {0, 1} in the forward pass, with the relaxed sample's gradient (the decoder
+  then trains on the kind of code it decodes at evaluation). Loss, batch mean of the decoder's loss (DMZ's: the unit ε-MSE;
   model.dec_weighting) with DDPM-IP input perturbation (γ = dmz.input_perturbation):
       w(t) ‖ε − ε̂_θ(α_t x + σ_t (ε + γ ξ), t, z)‖²,
   gradient through the relaxed z into the encoder; no prior or rate term. The prior is
@@ -276,7 +278,11 @@ class DMZ(Autoencoder):
     """The bits z (B, d) of x: relaxed (in (0, 1), needs key) if train, else hard {0, 1}."""
     logits = self.encoder.apply(enc_params, x)
     if train:
-      return models.relaxed_bernoulli(key, logits, self.config.dmz.temperature)
+      soft = models.relaxed_bernoulli(key, logits, self.config.dmz.temperature,
+                                      self.config.dmz.noise_scale)
+      if self.config.dmz.straight_through:  # hard bits forward, the soft ones' gradient
+        return soft + jax.lax.stop_gradient(jnp.round(soft) - soft)
+      return soft
     return models.hard_bernoulli(logits)
 
   def encode(self, enc_params, x: Array, key: Array | None = None,
