@@ -107,7 +107,19 @@ def get_config() -> ml_collections.ConfigDict:
   # it 3 of 6 runs had a chain blow up, gap ~1e9); ~75 % accepted, same PSNR, 1 extra ∇U
   langevin.mala = True
   langevin.refresh_precision = False  # gauss_newton: recompute H every step (else once at z⁰)
-  langevin.mc_samples = 1  # diffusion decoder: (t, ε) draws per ∇U estimate
+  # diffusion decoder's energy (diffenc_jax/posterior.py): mc_samples (λ, ε) draws per U,
+  # fixed along a chain, stratified; antithetic ε/−ε pairs (mc_samples even); λ from proposal
+  # uniform_t | uniform | logistic (importance-weighted, centred where z matters); an SVRG
+  # control variate at z⁰ with reference_samples draws; gn_levels noise levels of the
+  # gauss_newton rule's precision
+  langevin.mc_samples = 2
+  langevin.antithetic = True
+  langevin.proposal = "logistic"
+  langevin.log_snr_center = 2.0
+  langevin.log_snr_scale = 2.0
+  langevin.control_variate = False
+  langevin.reference_samples = 8
+  langevin.gn_levels = 4
   em.eval_refine_steps = 10  # Langevin steps from z⁰ at evaluation time
   # fit a latent DDPM prior (diffae.prior_*) to the encoder's z⁰, one update per E-step, and
   # sample through it instead of N(0, I), which the codes' aggregate distribution need not match

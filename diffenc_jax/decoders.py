@@ -5,6 +5,8 @@ parameters:
 
     params = dec.init(key)
     nll = dec.nll(params, x, z, key)            # (B,) −log p_θ(x|z) in nats, or its ELBO bound
+    energy = dec.energy_fn(params, x, key, z0)  # z ↦ (B,) the E-step's −log p_θ(x|z) + const
+    prec = dec.precision_fn(params, x, key, β, c)  # z ↦ (B, d, d) Gauss-Newton precision of U
     loss = dec.loss(params, x, z, key)          # (B,) the training loss of the decoder
     x_hat = dec.decode(params, z, key)          # (B, ...) a reconstruction / sample given z
 
@@ -24,7 +26,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from diffenc_jax import losses, models, samplers, schedules
+from diffenc_jax import losses, models, posterior, samplers, schedules
 
 Array = jax.Array
 DECODERS = ("gaussian", "diffusion")
@@ -58,6 +60,19 @@ class GaussianDecoder:
     """−log N(x; μ_θ(z), σ_x² I) per example (B,), nats (exact; key unused)."""
     del key
     return losses.gaussian_nll(x, self.mean(params, z), self.sigma_x)
+
+  def energy_fn(self, params, x: Array, key: Array | None = None, z_ref: Array | None = None):
+    """z (B, d) ↦ −log p_θ(x|z) (B,), the E-step's energy: the exact NLL."""
+    del key, z_ref
+    return lambda z: self.nll(params, x, z)
+
+  def precision_fn(self, params, x: Array, key: Array | None, beta: float,
+                   prior_precision: float):
+    """z ↦ H (B, d, d) = JᵀJ/(σ_x² β) + prior_precision · I, J = ∂μ_θ/∂z
+    (`samplers.gauss_newton_precision`)."""
+    del x, key
+    return samplers.gauss_newton_precision(lambda z: self.mean(params, z), self.sigma_x, beta,
+                                           prior_precision=prior_precision)
 
   def loss(self, params, x: Array, z: Array, key: Array) -> Array:
     """The NLL with model.dec_dropout applied to the mean network (B,)."""
@@ -127,6 +142,32 @@ class DiffusionDecoder:
     stratified (t, ε) draws (em.langevin.mc_samples by default)."""
     n = num_samples or self.config.em.langevin.mc_samples
     return losses.diffusion_nll_bound(self.eps_fn(params, z), x, key, self.schedule, n)
+
+  def _eps3(self, params):
+    """ε̂(x_t, t, z), the form `diffenc_jax.posterior` takes."""
+    return lambda x_t, t, z: self.eps_fn(params, z)(x_t, t)
+
+  def energy_fn(self, params, x: Array, key: Array, z_ref: Array | None = None):
+    """z (B, d) ↦ the ELBO's diffusion term (B,), −log p_θ(x|z) up to a constant in z, with
+    (λ, ε) drawn once from key and shared by every call (a deterministic U along a chain):
+    em.langevin.mc_samples draws, stratified, antithetic (langevin.antithetic), λ from
+    langevin.proposal (centre / scale langevin.log_snr_center / log_snr_scale) with importance
+    weights, and with langevin.control_variate the SVRG correction at z_ref
+    (langevin.reference_samples draws). `posterior.diffusion_nll_fn`."""
+    lv = self.config.em.langevin
+    return posterior.diffusion_nll_fn(
+        self._eps3(params), x, key, self.schedule, num_samples=lv.mc_samples,
+        proposal=lv.proposal, antithetic=lv.antithetic, log_snr_center=lv.log_snr_center,
+        log_snr_scale=lv.log_snr_scale,
+        z_ref=z_ref if lv.control_variate else None, reference_samples=lv.reference_samples)
+
+  def precision_fn(self, params, x: Array, key: Array, beta: float, prior_precision: float):
+    """z ↦ H (B, d, d): the Gauss-Newton precision of U from the denoiser's Jacobian in z at
+    em.langevin.gn_levels noise levels (`posterior.diffusion_gauss_newton_precision`)."""
+    lv = self.config.em.langevin
+    return posterior.diffusion_gauss_newton_precision(
+        self._eps3(params), x, key, self.schedule, beta=beta, prior_precision=prior_precision,
+        num_levels=lv.gn_levels, log_snr_center=lv.log_snr_center)
 
   def loss(self, params, x: Array, z: Array, key: Array,
            input_perturbation: float = 0.0) -> Array:

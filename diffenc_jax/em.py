@@ -15,7 +15,6 @@ denoising updates of φ on (x, z^K). M-step: θ ← NLL_θ(x|z^K) + λ_align NLL
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import flax.struct
@@ -253,20 +252,21 @@ class DiffusionEncoder:
     """z^K: Langevin on π_β(z|x) ∝ p(z) p_θ(x|z)^(1/β) exp(−½ λ_prox ‖z − z⁰‖²) from z⁰."""
     em, lv = self.config.em, self.config.em.langevin
     dec_params = jax.lax.stop_gradient(params["decoder"])
-    k_nll, k_chain = jax.random.split(key)
+    k_nll, k_chain, k_pre = jax.random.split(key, 3)
+    # the decoder's energy: exact for the gaussian decoder; for the diffusion decoder an ELBO
+    # estimate whose (t, ε) draws are fixed for the whole chain, so U is deterministic along it
+    nll = self.decoder.energy_fn(dec_params, x, k_nll, z0)
 
     def log_density(z):
-      # one fixed set of (t, ε) draws for the whole chain keeps U a deterministic function
-      log_p = -self.nll(dec_params, x, z, k_nll) / em.beta - 0.5 * jnp.sum(z**2, -1)
+      log_p = -nll(z) / em.beta - 0.5 * jnp.sum(z**2, -1)
       if em.prox_weight:
         log_p -= 0.5 * em.prox_weight * jnp.sum((z - z0) ** 2, -1)
       return log_p
 
     precision_fn = None
     if lv.step_rule == "gauss_newton":
-      precision_fn = samplers.gauss_newton_precision(
-          functools.partial(self.decoder.mean, dec_params), self.config.model.sigma_x,
-          em.beta, prior_precision=1.0 + em.prox_weight)
+      precision_fn = self.decoder.precision_fn(dec_params, x, k_pre, em.beta,
+                                               prior_precision=1.0 + em.prox_weight)
     # XLA:CPU runs convolutions inside a loop body several times slower than at top level
     # (benchmarks/langevin.py): on a CPU, a conv decoder's chain is unrolled
     unroll = True if self.decoder.convolutional and jax.default_backend() == "cpu" else 1

@@ -26,7 +26,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from diffenc_jax import (baselines, data, decoders, em, evaluate, losses, methods, models,
-                         samplers, schedules, visualize)
+                         posterior, samplers, schedules, visualize)
 
 MODES = ("train", "eval", "reconstruct", "sample", "encode")
 LR_SCHEDULES = ("constant", "cosine")
@@ -79,8 +79,12 @@ def validate_config(config, num_devices: int | None = None) -> None:
   lv, langevin = config.em.langevin, config.method == "diffenc"  # only diffenc runs Langevin
   check(lv.step_rule in samplers.STEP_RULES,
         f"unknown em.langevin.step_rule {lv.step_rule!r}; choose one of {samplers.STEP_RULES}")
-  check(not (langevin and lv.step_rule == "gauss_newton" and m.decoder != "gaussian"),
-        "em.langevin.step_rule='gauss_newton' needs model.decoder='gaussian'")
+  check(lv.proposal in posterior.PROPOSALS,
+        f"unknown em.langevin.proposal {lv.proposal!r}; choose one of {posterior.PROPOSALS}")
+  check(lv.mc_samples >= 1 and not (lv.antithetic and lv.mc_samples % 2),
+        f"em.langevin.mc_samples must be >= 1 (even with antithetic), got {lv.mc_samples}")
+  check(lv.log_snr_scale > 0 and lv.gn_levels >= 1 and lv.reference_samples >= 1,
+        "em.langevin.log_snr_scale, gn_levels and reference_samples must be > 0")
   check(not (langevin and lv.mala and (lv.step_rule == "snr" or lv.max_move > 0)),
         "em.langevin.mala needs step_rule 'fixed' without max_move, or 'gauss_newton'")
   # baselines (diffenc_jax/baselines.py): each method's own section only
