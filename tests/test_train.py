@@ -3,6 +3,8 @@ every mode runs and writes what it says."""
 
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
 
@@ -40,6 +42,19 @@ def tiny_config(**overrides):
     ({"train.weight_decay": -0.1}, "weight_decay must be >= 0"),
     ({"train.lr_schedule": "step"}, "unknown train.lr_schedule 'step'"),
     ({"train.final_lr": 2.0}, "final_lr must be in [0, 1]"),
+    # each of these was accepted, or crashed after compiling or after writing config.json
+    ({"train.num_steps": 0}, "train.num_steps must be >= 1"),
+    ({"train.num_steps": -3}, "train.num_steps must be >= 1"),
+    ({"train.keep_checkpoints": 0}, "train.keep_checkpoints must be >= 1"),
+    ({"train.enc_lr": -1e-3}, "train.enc_lr must be > 0"),
+    ({"train.dec_lr": 0.0}, "train.dec_lr must be > 0"),
+    ({"train.ema_decay": 2.0}, "train.ema_decay must be in [0, 1]"),
+    ({"em.langevin.step_size": -0.5}, "em.langevin.step_size must be > 0"),
+    ({"train.eval_every": 0}, "train.eval_every must be >= 1"),
+    ({"train.log_every": 0}, "train.log_every must be >= 1"),
+    ({"train.checkpoint_every": 0}, "train.checkpoint_every must be >= 1"),
+    ({"encoder_sampler.num_steps": 0}, "encoder_sampler.num_steps must be >= 1"),
+    ({"seed": -1}, "seed must be an int >= 0"),
 ])
 def test_bad_config_fails_with_one_line(override, message):
   with pytest.raises(train.UsageError) as err:
@@ -54,6 +69,42 @@ def test_bad_config_touches_nothing(tmp_path):
   with pytest.raises(train.UsageError):
     train.train_and_evaluate(tiny_config(**{"model.latent_dim": -1}), str(workdir))
   assert not workdir.exists()
+
+
+@pytest.mark.parametrize("override,message", [
+    ({"train.batch_size": 100_000}, "train.batch_size=100000 exceeds the 4500 training examples"),
+    ({"data.augment_shift": 100}, "data.augment_shift=100 must be below half the image size"),
+    ({"train.mode": "eval"}, "no trained run in"),  # eval of a workdir that does not exist
+])
+def test_config_that_does_not_fit_the_data_or_run_touches_nothing(tmp_path, override, message):
+  """Checks that need the dataset (or the workdir) also come before anything is written."""
+  workdir = tmp_path / "run"
+  with pytest.raises(train.UsageError) as err:
+    train.train_and_evaluate(tiny_config(**override), str(workdir))
+  assert message in str(err.value) and "\n" not in str(err.value)
+  assert not workdir.exists()
+
+
+def _main(*args, cwd=ROOT):
+  return subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *args], cwd=cwd,
+                        capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+def test_main_unknown_field_and_missing_config_file_are_one_line(tmp_path):
+  """A typo in an override gets ml_collections' own suggestion, on one line; a missing config
+  file is one line too (both were 40-60-line tracebacks); nothing is created."""
+  workdir = str(tmp_path / "run")
+  typo = _main("--config", "configs/tiny.py", "--workdir", workdir, "--config.train.nmu_steps=5")
+  assert typo.returncode == 1
+  assert typo.stderr.strip().splitlines() == [
+      "error: no such config field: 'nmu_steps' Did you mean \"num_steps\" instead of "
+      "\"nmu_steps\"?"]
+  missing = _main("--config", "configs/nope.py", "--workdir", workdir)
+  assert missing.returncode == 1
+  lines = missing.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: cannot load the config file "
+                                                 "'configs/nope.py': No such file")
+  assert not os.path.exists(workdir)
 
 
 def final_state(config, workdir):
@@ -85,13 +136,40 @@ def test_resume_is_bitwise(tmp_path, straight_run):
                zip(jax.tree.leaves(init.params[net]), jax.tree.leaves(straight.params[net])))
 
 
-def test_unreadable_checkpoint_is_a_clear_error_and_is_kept(tmp_path):
+def _tree(path) -> dict:
+  """{relative path: bytes} of every file under path."""
+  out = {}
+  for root, _, files in os.walk(path):
+    for name in files:
+      full = os.path.join(root, name)
+      with open(full, "rb") as f:
+        out[os.path.relpath(full, path)] = f.read()
+  return out
+
+
+def test_rejected_resume_changes_nothing(tmp_path, straight_run):
+  """Resuming (or evaluating) a run with a changed model is refused in one line naming the field,
+  before anything is written: config.json still describes the checkpoints, which still load.
+  (It used to overwrite config.json first, so that the run could no longer be loaded.)"""
+  from diffenc_jax import api
   workdir = str(tmp_path / "run")
-  train.train_and_evaluate(tiny_config(**{"train.num_steps": 2}), workdir)
-  # a config whose shapes differ from the checkpoint's must not restore partially
-  with pytest.raises(train.UsageError, match="cannot restore checkpoint 2"):
-    train.train_and_evaluate(tiny_config(**{"model.latent_dim": 5}), workdir)
-  assert os.path.isdir(os.path.join(workdir, "checkpoints", "2"))
+  shutil.copytree(straight_run[0], workdir)
+  before = _tree(workdir)
+  for mode in ("train", "eval"):
+    with pytest.raises(train.UsageError) as err:
+      train.train_and_evaluate(tiny_config(**{"model.latent_dim": 8, "train.mode": mode}), workdir)
+    assert "model.latent_dim=4, not 8" in str(err.value) and "\n" not in str(err.value)
+  assert _tree(workdir) == before
+  assert api.Autoencoder.load(workdir).latent_dim == 4
+  # what may change on resume passes; a training field that may not is named
+  train.check_resume(tiny_config(**{"train.num_steps": 9, "train.log_every": 3,
+                                    "eval.batch_size": 16, "train.mode": "eval"}), workdir)
+  with pytest.raises(train.UsageError, match="train.enc_lr=0.001, not 0.002"):
+    train.check_resume(tiny_config(**{"train.enc_lr": 2e-3}), workdir)
+  # and a config whose shapes differ from the checkpoint's never restores partially
+  with pytest.raises(train.UsageError, match="cannot restore checkpoint 4 .* does not match"):
+    train.Trainer(tiny_config(**{"model.latent_dim": 5}), workdir).restore_or_init()
+  assert _tree(workdir) == before
 
 
 _DEVICE_SCRIPT = """
