@@ -224,7 +224,8 @@ class Autoencoder:
     if not isinstance(num, (int, np.integer)) or num < 2:
       raise ValueError(f"num must be an int >= 2, got {num!r}")
     key = self._key(key)
-    z_a, z_b = (self.encode(self._one(x, name), key) for x, name in ((x_a, "x_a"), (x_b, "x_b")))
+    z_a, z_b = (self._encode(self.params, self._images(self._one(x, name), name), key, 0)
+                for x, name in ((x_a, "x_a"), (x_b, "x_b")))
     return self._interpolate(self.params, z_a[0], z_b[0], key, int(num), mode == "slerp")
 
   def sample(self, n: int, key: Array | None = None) -> Array:

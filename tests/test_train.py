@@ -356,3 +356,124 @@ def test_latent_ddpm_prior_fits_a_gaussian():
   z = prior.sample(params, jax.random.key(2), 4000)
   np.testing.assert_allclose(z.mean(0), mu, atol=0.1)
   np.testing.assert_allclose(z.std(0), s, rtol=0.1)
+
+
+def _interrupted_run(workdir, monkeypatch, failing_round, error):
+  """A Trainer whose round `failing_round` (0-based) raises `error` (or returns NaN metrics for
+  error=None); returns (the exception train() raised, calls of wait_until_finished after it)."""
+  import orbax.checkpoint as ocp
+  trainer = train.Trainer(tiny_config(), workdir)
+  real_round, calls, waits = trainer.round, [0], []
+  failed = []
+
+  def round_fn(state, xs, key):
+    calls[0] += 1
+    if calls[0] - 1 == failing_round:
+      failed.append(True)
+      if error is not None:
+        raise error
+      state, metrics = real_round(state, xs, key)
+      return state, {**metrics, "gap": metrics["gap"] * np.nan}
+    return real_round(state, xs, key)
+
+  real_wait = ocp.CheckpointManager.wait_until_finished
+  monkeypatch.setattr(ocp.CheckpointManager, "wait_until_finished",
+                      lambda self: (waits.append(bool(failed)), real_wait(self))[1])
+  trainer.round = round_fn
+  with pytest.raises(BaseException) as err:
+    trainer.train()
+  return err.value, sum(waits)
+
+
+@pytest.mark.parametrize("error", [None, KeyboardInterrupt()], ids=["diverged", "interrupted"])
+def test_stopped_run_waits_for_its_checkpoint_and_names_it(tmp_path, monkeypatch, error):
+  """Divergence or Ctrl-C after the asynchronous save of round 2 began: the save is finished
+  (it used to be abandoned as 2.orbax-checkpoint-tmp) and the error names what is on disk; a
+  run stopped before any save says that none is (it used to say '(None) is kept')."""
+  workdir = str(tmp_path / "run")
+  stopped, waits = _interrupted_run(workdir, monkeypatch, 3, error)
+  assert isinstance(stopped, FloatingPointError if error is None else KeyboardInterrupt)
+  assert waits >= 1  # pending saves were awaited after the failure
+  assert os.listdir(os.path.join(workdir, "checkpoints")) == ["2"]
+  assert f"the newest checkpoint on disk is 2 ({workdir}/checkpoints/2)" in str(stopped)
+  assert "\n" not in str(stopped)
+  stopped, _ = _interrupted_run(str(tmp_path / "early"), monkeypatch, 1, error)
+  assert "no checkpoint is on disk" in str(stopped)
+
+
+def _damage(step_dir, how):
+  """Truncates, or flips one byte in the middle of, the largest data file of a checkpoint."""
+  files = [os.path.join(r, f) for r, _, fs in os.walk(step_dir) for f in fs]
+  path = max(files, key=os.path.getsize)
+  with open(path, "r+b") as f:
+    raw = bytearray(f.read())
+    if how == "truncate":
+      f.truncate(len(raw) // 2)
+    else:
+      raw[len(raw) // 2] ^= 0xFF
+      f.seek(0)
+      f.write(raw)
+
+
+def test_damaged_newest_checkpoint_falls_back_to_an_older_one(tmp_path, straight_run, capsys):
+  """A flipped byte inside checkpoint 4 (orbax restores it without complaint: one Adam moment
+  differed) fails its sha256; evaluation and `Autoencoder.load` use checkpoint 2 with one
+  warning naming 4, and leave 4 where it is. A truncated checkpoint 4 (orbax errors) is moved
+  aside by training, which resumes from 2 and ends bitwise equal to the uninterrupted run."""
+  from diffenc_jax import api, checkpointing
+  source, straight, _ = straight_run
+  flipped, truncated = str(tmp_path / "flipped"), str(tmp_path / "truncated")
+  for workdir, how in ((flipped, "flip"), (truncated, "truncate")):
+    shutil.copytree(source, workdir)
+    _damage(os.path.join(workdir, "checkpoints", "4"), how)
+  capsys.readouterr()
+  restored = train.Trainer(tiny_config(), flipped).restore_or_init(require=True)
+  assert int(restored.step) == 2
+  assert api.Autoencoder.load(flipped).step == 2
+  warnings = [l for l in capsys.readouterr().err.splitlines() if l.startswith("warning:")]
+  assert len(warnings) == 2 and all(
+      "checkpoint 4 is unreadable (its data does not match the checksum saved with it)" in w
+      and "using checkpoint 2" in w for w in warnings)
+  assert os.path.isdir(os.path.join(flipped, "checkpoints", "4"))
+  # the checksum is the one of the state that was saved
+  intact = train.Trainer(tiny_config(), source)
+  meta = intact.checkpoints.metadata(4).custom_metadata
+  assert meta[checkpointing.DIGEST_KEY] == checkpointing.state_digest(straight)
+
+  resumed, _ = final_state(tiny_config(), truncated)
+  err = capsys.readouterr().err
+  assert f"moved {truncated}/checkpoints/4 to {truncated}/damaged_checkpoints/4" in err
+  assert os.listdir(os.path.join(truncated, "damaged_checkpoints", "4"))
+  assert int(resumed.step) == 4
+  for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_second_run_in_a_workdir_is_refused(tmp_path, straight_run):
+  """A lock file with the owner's pid and host: a live owner (here a sleeping process) or one
+  on another host refuses a second run in one line, before anything is written; a dead owner
+  on this host (a killed run) is a stale lock and is taken over; a finished run leaves none."""
+  from diffenc_jax import checkpointing
+  assert not os.path.exists(os.path.join(straight_run[0], checkpointing.LOCK_NAME))
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  lock = workdir / checkpointing.LOCK_NAME
+  host = socket.gethostname()
+  sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+  try:
+    for pid, owner_host in ((sleeper.pid, host), (1, "another-host")):
+      lock.write_text(json.dumps({"pid": pid, "host": owner_host}))
+      with pytest.raises(train.UsageError) as err:
+        train.train_and_evaluate(tiny_config(), str(workdir))
+      assert f"in use by process {pid} on host {owner_host}" in str(err.value)
+      assert "\n" not in str(err.value)
+      assert sorted(os.listdir(workdir)) == [checkpointing.LOCK_NAME]
+  finally:
+    sleeper.kill()
+    sleeper.wait()
+  lock.write_text(json.dumps({"pid": sleeper.pid, "host": host}))  # now dead: stale
+  with checkpointing.WorkdirLock(str(workdir)) as taken:
+    assert json.loads(lock.read_text()) == taken.owner == {"pid": os.getpid(), "host": host}
+    with pytest.raises(checkpointing.WorkdirInUse):  # held, even against this very process
+      checkpointing.WorkdirLock(str(workdir)).acquire()
+  assert not lock.exists()
