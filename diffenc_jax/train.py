@@ -28,8 +28,9 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from diffenc_jax import (baselines, checkpointing, data, em, evaluate, losses, methods, models,
-                         samplers, schedules, visualize)
+from diffenc_jax import (baselines, data, em, evaluate, losses, methods, models, samplers,
+                         schedules, visualize)
+from diffenc_jax import checkpointing
 
 MODES = ("train", "eval", "reconstruct", "sample", "encode")
 LR_SCHEDULES = ("constant", "cosine")

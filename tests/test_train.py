@@ -477,3 +477,53 @@ def test_second_run_in_a_workdir_is_refused(tmp_path, straight_run):
     with pytest.raises(checkpointing.WorkdirInUse):  # held, even against this very process
       checkpointing.WorkdirLock(str(workdir)).acquire()
   assert not lock.exists()
+
+
+_PROCESS_SCRIPT = """
+import sys, jax, numpy as np
+sys.path.insert(0, {root!r})
+from configs import tiny
+from diffenc_jax import train
+config = tiny.get_config()
+config.train.num_steps = 2
+train.train_and_evaluate(config, {workdir!r})
+assert (jax.process_count(), jax.device_count(), jax.local_device_count()) == (2, 2, 1)
+state = train.Trainer(config, {workdir!r}).restore_or_init(require=True)
+local = [np.asarray(a.addressable_data(0)) for a in jax.tree.leaves(state.params)]
+np.savez({out!r} + str(jax.process_index()), *local)
+"""
+
+
+def test_two_processes_match_one(tmp_path):
+  """Two processes on localhost (jax.distributed over JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
+  JAX_PROCESS_ID; CPU collectives: gloo, jax's default), one CPU device each, each reading its
+  half of every batch: 2 rounds, a checkpoint and an evaluation. The checkpointed params equal a
+  1-process run's; only process 0 writes config.json and metrics.jsonl."""
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  workdir, out = str(tmp_path / "run"), str(tmp_path / "params")
+  script = _PROCESS_SCRIPT.format(root=ROOT, workdir=workdir, out=out)
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "",
+         "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2"}
+  procs = [subprocess.Popen([sys.executable, "-c", script], env={**env, "JAX_PROCESS_ID": str(i)},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  try:
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  for p, log in zip(procs, logs):
+    assert p.returncode == 0, log[-3000:]
+  one, _ = final_state(tiny_config(**{"train.num_steps": 2}), str(tmp_path / "one"))
+  for i in range(2):
+    loaded = np.load(f"{out}{i}.npz")
+    two = [loaded[k] for k in sorted(loaded.files, key=lambda s: int(s[4:]))]
+    for a, b in zip(jax.tree.leaves(one.params), two, strict=True):
+      np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)
+  lines = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert [l["step"] for l in lines] == [2, 2]  # one train/ and one eval/ line, written once
+  assert sum("train/gap" in l for l in lines) == sum("eval/psnr_z0" in l for l in lines) == 1
+  assert os.listdir(os.path.join(workdir, "checkpoints")) == ["2"]
+  assert json.load(open(os.path.join(workdir, "config.json")))["train"]["num_steps"] == 2
