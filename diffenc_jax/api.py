@@ -170,12 +170,21 @@ class Autoencoder:
     return jax.vmap(lambda z: self._decode_fn(params, z[None], key)[0])(path)
 
   # --- checks at the public boundary ------------------------------------------------------
+  @staticmethod
+  def _nonempty_finite(x: Array, name: str) -> None:
+    if not x.shape[0]:
+      raise ValueError(f"{name} is an empty batch, shape {x.shape}: B must be >= 1")
+    bad = int(jnp.sum(~jnp.isfinite(x)))
+    if bad:
+      raise ValueError(f"{name} holds {bad} NaN or infinite values")
+
   def _images(self, x, name: str = "x") -> Array:
     x = jnp.asarray(x, jnp.float32)
-    if x.shape[1:] != self.data_shape:
+    if x.ndim < 1 or x.shape[1:] != self.data_shape:
       raise ValueError(f"{name} must have shape (B, {', '.join(map(str, self.data_shape))}), "
                        f"got {x.shape}")
-    if len(self.data_shape) == 3 and x.size:
+    self._nonempty_finite(x, name)
+    if len(self.data_shape) == 3:
       lo, hi = float(jnp.min(x)), float(jnp.max(x))
       if lo < -1 - _RANGE_TOLERANCE or hi > 1 + _RANGE_TOLERANCE:
         raise ValueError(f"{name} must be images in [-1, 1] like the training data (uint8 p ↦ "
@@ -196,6 +205,7 @@ class Autoencoder:
     z = jnp.asarray(z, jnp.float32)
     if z.ndim != 2 or z.shape[1] != self.latent_dim:
       raise ValueError(f"{name} must have shape (B, {self.latent_dim}), got {z.shape}")
+    self._nonempty_finite(z, name)
     return z
 
   @staticmethod
@@ -278,7 +288,8 @@ class Autoencoder:
     if not isinstance(num, (int, np.integer)) or num < 2:
       raise ValueError(f"num must be an int >= 2, got {num!r}")
     key = self._key(key)
-    z_a, z_b = (self.encode(self._one(x, name), key) for x, name in ((x_a, "x_a"), (x_b, "x_b")))
+    z_a, z_b = (self._encode(self.params, self._images(self._one(x, name), name), key, 0)
+                for x, name in ((x_a, "x_a"), (x_b, "x_b")))
     return self._interpolate(self.params, z_a[0], z_b[0], key, int(num), mode == "slerp")
 
   def sample(self, n: int, key: Array | None = None) -> Array:
