@@ -15,11 +15,9 @@ def get_config():
   config.em.joint_warmup_rounds = 1500
   config.em.m_updates = 1
   config.em.langevin.num_steps = 3
-  config.em.langevin.step_rule = "fixed"
-  config.em.langevin.step_size = 1e-3
-  config.em.langevin.max_move = 0.5
-  config.em.langevin.mala = False  # a capped move has no proposal density
-  config.em.langevin.mc_samples = 2
+  config.em.langevin.step_rule = "snr"
+  config.em.langevin.mala = False  # the snr rule's step depends on the gradient: no MALA
+  config.em.langevin.mc_samples = 2  # one λ, with ε and −ε
   config.em.eval_refine_steps = 3
   config.train.num_steps = 2500
   config.train.lr_schedule = "cosine"
