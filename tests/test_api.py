@@ -185,3 +185,56 @@ def test_use_ema_picks_the_ema_parameters(workdir, model):
       np.testing.assert_array_equal(a, b)
   assert any(not np.array_equal(a, b) for a, b in
              zip(jax.tree.leaves(model.params), jax.tree.leaves(ema.params)))
+
+
+# --- a diffusion-decoder model: DiffAE's autoencoding and editing --------------------------------
+
+
+@pytest.fixture(scope="module")
+def diffae_model(tmp_path_factory):
+  """Twenty rounds of a tiny DiffAE with the transformer denoiser (z-normalised prior)."""
+  workdir = str(tmp_path_factory.mktemp("api_diffae"))
+  config = tiny.get_config()
+  config.method, config.model.decoder, config.model.denoiser = "diffae", "diffusion", "dit"
+  config.model.dit_width, config.model.dit_depth = 32, 1
+  config.diffae.prior_normalize = True
+  config.train.num_steps, config.train.eval_every, config.train.checkpoint_every = 20, 20, 20
+  config.eval.decoder_steps = 10
+  train.train_and_evaluate(config, workdir)
+  return api.Autoencoder.load(workdir)
+
+
+def test_decoding_from_the_inferred_x_T_beats_a_random_one(diffae_model, images):
+  """encode_stochastic (DDIM inversion given z) then decode(z, x_T) gives x back far better than
+  decoding z from a random x_T; the default z is encode(x)."""
+  m, key = diffae_model, jax.random.key(4)
+  z = m.encode(images, key)
+  x_T = m.encode_stochastic(images, z)
+  assert x_T.shape == images.shape
+  np.testing.assert_array_equal(m.encode_stochastic(images, key=key), x_T)
+  mse = lambda a: float(jnp.mean(jnp.square(a - images)))
+  inferred, random = mse(m.decode(z, key, x_T=x_T)), mse(m.decode(z, key))
+  assert inferred < 0.1 * random and inferred < 1e-2
+
+
+def test_manipulate_moves_z_in_standardised_units(diffae_model, images):
+  m, key = diffae_model, jax.random.key(4)
+  mean, std = m.code_statistics()
+  assert mean.shape == std.shape == (m.latent_dim,) and np.all(std > 0)
+  z = m.encode(images, key)
+  x_T = m.encode_stochastic(images, z)
+  direction = np.eye(m.latent_dim, dtype=np.float32)[0] * 3.0  # normalised inside
+  # scale 0 is the reconstruction from x's own x_T; scale s moves z_0 by s std
+  np.testing.assert_allclose(m.manipulate(images, direction, 0.0, key),
+                             m.decode(z, key, x_T=x_T), atol=1e-5)
+  moved = np.asarray(z).copy()
+  moved[:, 0] += 2.0 * std[0]
+  np.testing.assert_allclose(m.manipulate(images, direction, 2.0, key),
+                             m.decode(moved, key, x_T=x_T), atol=1e-4)
+  with pytest.raises(ValueError, match="direction must have shape"):
+    m.manipulate(images, np.ones(m.latent_dim + 1), 1.0)
+
+
+def test_x_T_needs_a_diffusion_decoder(model, images):
+  with pytest.raises(ValueError, match="needs a diffusion decoder"):
+    model.encode_stochastic(images)
