@@ -173,6 +173,12 @@ def validate_data(config, info: data.DatasetInfo) -> None:
   if info.is_image and 2 * shift >= min(info.shape[:2]):
     raise UsageError(f"bad config: data.augment_shift={shift} must be below half the image "
                      f"size {info.shape[0]}x{info.shape[1]}")
+  m = config.model
+  if m.decoder == "diffusion" and m.denoiser == "dit":
+    p = m.dit_patch_size
+    if not info.is_image or info.shape[0] % p or info.shape[1] % p:
+      raise UsageError(f"bad config: model.denoiser='dit' needs images whose size is a multiple "
+                       f"of model.dit_patch_size={p}; {info.name} examples are {info.shape}")
 
 
 def maybe_initialize_distributed() -> None:

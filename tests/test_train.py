@@ -36,7 +36,7 @@ def tiny_config(**overrides):
     ({"data.name": "idx", "data.data_dir": "/nonexistent/mnist"}, "/nonexistent/mnist"),
     ({"em.langevin.step_rule": "hmc"}, "unknown em.langevin.step_rule"),
     ({"model.decoder": "flow"}, "unknown decoder"),
-    ({"model.decoder": "diffusion"}, "needs model.decoder='gaussian'"),
+    ({"em.langevin.mc_samples": 3}, "(even with antithetic)"),
     ({"data.augment_shift": -1}, "augment_shift must be >= 0"),
     ({"data.name": "toy2d", "data.augment_shift": 1}, "augment_shift needs image data"),
     ({"train.weight_decay": -0.1}, "weight_decay must be >= 0"),
@@ -75,6 +75,9 @@ def test_bad_config_touches_nothing(tmp_path):
     ({"train.batch_size": 100_000}, "train.batch_size=100000 exceeds the 4500 training examples"),
     ({"data.augment_shift": 100}, "data.augment_shift=100 must be below half the image size"),
     ({"train.mode": "eval"}, "no trained run in"),  # eval of a workdir that does not exist
+    ({"model.decoder": "diffusion", "model.denoiser": "dit", "model.dit_patch_size": 5,
+      "em.langevin.step_rule": "snr", "em.langevin.mala": False},
+     "a multiple of model.dit_patch_size=5"),
 ])
 def test_config_that_does_not_fit_the_data_or_run_touches_nothing(tmp_path, override, message):
   """Checks that need the dataset (or the workdir) also come before anything is written."""
