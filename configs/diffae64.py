@@ -2,7 +2,9 @@
 GPU-sized, for benchmarks (which feed random inputs of this shape).
 
 U-Net: 64 channels, channel_mult (1, 2, 4, 8), 2 res blocks, attention at 16×16, embedding 512,
-dropout 0.1, z by AdaGN. Encoder: ResNetEncoder, 64 channels, channel_mult (1, 2, 4, 8, 8), 2 res
+dropout 0.1, z as DiffAE's code has it: a multiplicative scale of each ResBlock's time-modulated
+features; ε-prediction with the unit ε-MSE as DiffAE trains it (set model.dec_parameterization /
+dec_weighting to 'v' for the v-MSE); the latent prior on standardised z. Encoder: ResNetEncoder, 64 channels, channel_mult (1, 2, 4, 8, 8), 2 res
 blocks, attention at 16×16, 512-d output. Latent prior: DiffAE's latent DDPM is a 10-layer,
 2048-wide MLP with skips; here 5 residual blocks (2 Dense each) of width 2048.
 """
@@ -24,7 +26,10 @@ def get_config():
   config.model.unet_attn_resolutions = (16,)
   config.model.unet_emb_dim = 512
   config.model.unet_dropout = 0.1
-  config.model.unet_conditioning = "adagn"
+  config.model.unet_conditioning = "scale"
+  config.model.dec_parameterization = "eps"
+  config.model.dec_weighting = "unit"
+  config.diffae.prior_normalize = True
   config.diffae.encoder = "resnet"
   config.diffae.resnet_channels = 64
   config.diffae.resnet_channel_mult = (1, 2, 4, 8, 8)
