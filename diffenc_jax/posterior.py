@@ -28,11 +28,20 @@ part of a Monte-Carlo estimate of L and of its gradient. The estimate here:
 The networks enter as a closure `eps_fn(x_t (B, ...), t (B,), z (B, d)) -> ε̂ (B, ...)` bound
 to the decoder's parameters, which must treat examples independently. Every draw is per
 example, so a batch of chains over the same x has independent draws per chain.
+
+In an E-step (one builder per chain, i.e. per call of the E-step):
+
+    eps_fn = lambda x_t, t, z: decoder.apply(dec_params, x_t, t, z)
+    nll = diffusion_nll_fn(eps_fn, x, k_nll, schedule, z_ref=z0)
+    log_density = lambda z: -nll(z) / beta - 0.5 * jnp.sum(z**2, -1)  # (+ the proximal term)
+    precision_fn = diffusion_gauss_newton_precision(eps_fn, x, k_gn, schedule, beta=beta,
+                                                    prior_precision=1.0 + prox_weight)
+    samplers.langevin_posterior(log_density, z0, k_chain, step_rule="gauss_newton",
+                                precision_fn=precision_fn, mala=True, ...)
 """
 
 from __future__ import annotations
 
-import math
 from typing import Callable, NamedTuple
 
 import jax
@@ -244,8 +253,8 @@ def diffusion_nll_fn(
   ĝ_M = ∇L̂ with the chain's M draws, ḡ_N with `reference_samples` independent draws. Its
   gradient, ĝ_M(z) − ĝ_M(z_ref) + ḡ_N(z_ref), is unbiased, and its noise is that of ḡ_N (N
   draws, paid once per chain) plus that of ĝ_M(z) − ĝ_M(z_ref), small while z stays near z_ref
-  (the draws are shared). Cost: N + 2M evaluations once at build time (the reference gradient
-  and the chain draws' gradient at z_ref), none per step.
+  (the draws are shared). Cost: N + M network evaluations, forward and backward, once at build
+  time (the reference gradient, and the chain draws' value and gradient at z_ref); none per step.
 
   Args:
     eps_fn: (x_t (B, ...), t (B,), z (B, d)) -> ε̂ (B, ...), bound to the decoder's parameters.

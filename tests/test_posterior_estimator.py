@@ -67,7 +67,18 @@ def exact_nll_grad(z):
 
 
 def exact_nll(z):
-  return float(jnp.sum((X - A @ z) ** 2)) / (2 * S**2)
+  """−log N(x; Az, s²I) in nats."""
+  return float(jnp.sum((X - A @ z) ** 2)) / (2 * S**2) + 0.5 * D * np.log(2 * np.pi * S**2)
+
+
+def elbo_endpoint_terms():
+  """The ELBO's terms other than the diffusion term (losses.diffusion_nll_bound): the prior
+  KL(q(x_1|x) ‖ N(0, I)) and the reconstruction term at t = 0. Functions of x alone."""
+  alpha1, sigma1 = (float(v) for v in SCHED.alpha_sigma(1.0))
+  alpha0, sigma0 = (float(v) for v in SCHED.alpha_sigma(0.0))
+  x = np.asarray(X, np.float64)
+  prior = 0.5 * np.sum(alpha1**2 * x**2 + sigma1**2 - 1.0 - np.log(sigma1**2))
+  return prior + 0.5 * D * (np.log(2 * np.pi * sigma0**2 / alpha0**2) + 1.0)
 
 
 Z = jnp.array([0.3, 0.4])  # where the gradient is estimated, ≈ 2 posterior stds off its mean
@@ -92,7 +103,8 @@ OPTIONS = {
 
 @functools.lru_cache(maxsize=None)
 def estimates(name):
-  """N_EST independent (gradient at Z (N, 2), nll(Z) − nll(Z2) (N,)) for OPTIONS[name]."""
+  """N_EST independent (gradient at Z (N, 2), nll(Z) − nll(Z2) (N,), nll(Z) (N,)) for
+  OPTIONS[name]."""
   opts = dict(OPTIONS[name])
   z_ref = jnp.tile(Z_REF, (N_EST, 1)) if opts.pop("z_ref", False) else None
 
@@ -103,10 +115,10 @@ def estimates(name):
                                      draws_per_call=8, **opts)
     z = jnp.tile(Z, (N_EST, 1))
     grad = jax.grad(lambda z: jnp.sum(nll(z)))(z)
-    return grad, nll(z) - nll(jnp.tile(Z2, (N_EST, 1)))
+    value = nll(z)
+    return grad, value - nll(jnp.tile(Z2, (N_EST, 1))), value
 
-  grad, diff = run(key(1))
-  return np.asarray(grad, np.float64), np.asarray(diff, np.float64)
+  return tuple(np.asarray(v, np.float64) for v in run(key(1)))
 
 
 def unbiased_within_mc_error(samples, exact, n_se=4.5):
@@ -121,13 +133,20 @@ def unbiased_within_mc_error(samples, exact, n_se=4.5):
 @pytest.mark.parametrize("name", ["plain", "stratified", "antithetic", "importance",
                                   "control_variate", "combined"])
 def test_gradient_and_value_differences_are_unbiased(name):
-  grad, diff = estimates(name)
+  grad, diff, value = estimates(name)
   assert np.all(grad.std(0) > 0)  # a real Monte-Carlo estimate: the tolerance is not vacuous
   ok, z_scores = unbiased_within_mc_error(grad, exact_nll_grad(Z))
   assert ok, (name, z_scores)
   # MALA's log-ratio uses U(z') − U(z) with shared draws: its mean is the exact difference
   ok, z_scores = unbiased_within_mc_error(diff, exact_nll(Z) - exact_nll(Z2))
   assert ok, (name, z_scores)
+  if "z_ref" not in OPTIONS[name]:
+    # without the control variate the value is the ELBO's diffusion term itself: with the
+    # endpoint terms, the exact −log p(x|z) (the bound is tight). This also catches errors that
+    # leave the z-dependence alone, e.g. ‖ε + ε̂‖² for ‖ε − ε̂‖² (equal in expectation up to a
+    # constant for this decoder)
+    ok, z_scores = unbiased_within_mc_error(value + elbo_endpoint_terms(), exact_nll(Z))
+    assert ok, (name, z_scores)
 
 
 def test_importance_weights_are_needed():
