@@ -22,7 +22,7 @@ def get_config():
   config.betas = "1,10,100,1000,10000"
   config.seeds = 1  # seeds 0…seeds−1 at every β
   config.extra_seed_betas = "10,100,1000"  # one more seed at these β
-  config.num_steps = 600  # rounds per point (see the module docstring)
+  config.num_steps = 1500  # rounds per point (sized in docs/rate.md)
   config.lr_schedule = "cosine"
   config.weight_decay = 0.1
   # constant | anneal: anneal runs β log-linearly from min(beta_start, β) to β over
@@ -31,7 +31,6 @@ def get_config():
   config.beta_start = 1.0
   config.beta_anneal_steps = 0
   config.floors = "8,6,4,2,0"  # log-SNR floors of diffenc's rate curve (≤ its λ_max = 8)
-  config.classifier_steps = 0  # feature classifier's training steps; 0 = its default
   config.workdir = "runs/rd_sweep"
   config.results = "benchmarks/rd_sweep.md"
   config.plot = "benchmarks/rd_sweep.png"

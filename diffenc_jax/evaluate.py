@@ -197,14 +197,15 @@ def decode_all(config, method, params, z: np.ndarray, key: jax.Array) -> np.ndar
                          for i in range(0, len(z), b)])
 
 
-def comparison_metrics(config, method, state, classifier_params) -> dict[str, float]:
+def comparison_metrics(config, method, state, classifier_params=None) -> dict[str, float]:
   """The held-out suite that the method comparison reports (`HeldOut.evaluate` plus):
 
   probe_acc     logistic regression on z⁰ of the train split, accuracy on the held-out split;
   recon_acc     the feature classifier's accuracy on held-out reconstructions from z⁰;
   recon_fd      classifier Fréchet distance, held-out images vs their reconstructions;
   sample_fd     classifier Fréchet distance, held-out images vs as many prior samples.
-  The classifier (`metrics.load_or_train_classifier`) is trained on the train split only.
+  The classifier (`metrics.load_or_train_classifier`) is trained on the train split only;
+  without one (classifier_params=None) the last three are left out.
   """
   from diffenc_jax import metrics  # sklearn and scipy: loaded only for the comparison
 
@@ -217,6 +218,8 @@ def comparison_metrics(config, method, state, classifier_params) -> dict[str, fl
   test_z, _ = split_latents(config, method, params, test_x, jax.random.fold_in(key, 1),
                             refine=False)
   out["probe_acc"] = metrics.linear_probe_accuracy(train_z, train_y, test_z, test_y)
+  if classifier_params is None:
+    return out
   recon = decode_all(config, method, params, test_z, jax.random.fold_in(key, 2))
   out["recon_acc"] = metrics.classifier_accuracy(classifier_params, recon, test_y)
   out["recon_fd"] = metrics.sample_frechet_distance(classifier_params, test_x, recon)

@@ -6,19 +6,26 @@ import os
 
 import numpy as np
 
-from configs import rd_sweep
+from configs import rd_sweep, tiny
 from diffenc_jax.experiments import rate_distortion
+
+
+def get_config():
+  """configs/tiny.py on the 8×8 digits: the sweep's method config in this test (both methods;
+  `rate_distortion.point_config` sets config.method)."""
+  config = tiny.get_config()
+  config.data.name = "digits"
+  return config
 
 
 def test_sweep_writes_table_figure_and_rate_curve(tmp_path):
   cfg = rd_sweep.get_config()
-  cfg.method_configs.diffenc = cfg.method_configs.vae = "configs.tiny"
+  cfg.method_configs.diffenc = cfg.method_configs.vae = "tests.test_rate_distortion"
   cfg.betas = "1,100"
   cfg.extra_seed_betas = "100"
   cfg.num_steps = 3
   cfg.floors = "8,2"
   cfg.beta_schedule, cfg.beta_anneal_steps = "anneal", 2
-  cfg.classifier_steps = 5
   cfg.workdir = str(tmp_path / "runs")
   cfg.results = str(tmp_path / "rd.md")
   cfg.plot = str(tmp_path / "rd.png")
