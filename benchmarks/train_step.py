@@ -36,12 +36,19 @@ SHAPES = {
 }
 
 
-def images_per_second(name: str, repeats: int) -> tuple[float, float, float]:
+def images_per_second(name: str, repeats: int,
+                      overrides: dict | None = None) -> tuple[float, float, float]:
   """(images/s, seconds per round, seconds of the first call: compilation + one round) of
-  config `name`'s jitted training round."""
+  config `name`'s jitted training round, with `overrides` {dotted field: value} applied."""
   shape, batch = SHAPES[name]
   config = importlib.import_module(f"configs.{name}").get_config()
   config.train.batch_size = batch
+  for field, value in (overrides or {}).items():
+    *path, leaf = field.split(".")
+    node = config
+    for part in path:
+      node = node[part]
+    node[leaf] = type(node[leaf])(value) if not isinstance(node[leaf], bool) else value == "true"
   method = methods.get_method(config, shape)
   e = config.em.e_updates
   xs = jax.random.uniform(jax.random.key(1), (e, batch) + shape, minval=-1.0, maxval=1.0)
@@ -67,13 +74,16 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--configs", default=",".join(SHAPES))
   parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                      help="override a config field for every config, e.g. model.denoiser=unet")
   args = parser.parse_args()
+  overrides = dict(item.split("=", 1) for item in args.set)
   print(f"devices: {jax.devices()}")
   print(f"{'config':16s} {'shape':>12s} {'batch':>5s} {'s/round':>8s} {'img/s':>8s} "
         f"{'compile s':>9s}")
   for name in args.configs.split(","):
     shape, batch = SHAPES[name]
-    ips, seconds, first = images_per_second(name, args.repeats)
+    ips, seconds, first = images_per_second(name, args.repeats, overrides)
     print(f"{name:16s} {'x'.join(map(str, shape)):>12s} {batch:5d} {seconds:8.3f} {ips:8.1f} "
           f"{first:9.1f}", flush=True)
 

@@ -42,14 +42,31 @@ def get_config() -> ml_collections.ConfigDict:
   model.dec_hidden = (1024, 1024)  # mlp
   model.dec_dropout = 0.0  # mlp: dropout of the hidden units in the decoder's training loss
   model.dec_channels = (64, 32)  # conv
-  # diffusion decoder (z-conditioned U-Net)
+  # diffusion decoder: a z-conditioned denoiser of config.image_schedule's diffusion
+  model.denoiser = "unet"  # unet | dit (transformer: matmul-bound, fast on a CPU)
+  # what the denoiser outputs, converted to ε̂: eps | v | x0
+  model.dec_parameterization = "v"
+  # training weighting w(t) of ‖ε − ε̂‖²: unit (DDPM's ε-MSE) | v (1 + 1/SNR: the v-MSE) | x0 |
+  # vlb | p2 (1/(1+SNR)^γ) | min_snr (min(SNR, γ)/SNR). The unit ε-MSE spends the gradient at
+  # low noise, where x_t already fixes x and z is useless: decoders trained with it ignored z
+  # for thousands of rounds. The NLL (E-step, VAE) is always the ELBO, whatever this says.
+  model.dec_weighting = "v"
+  model.dec_weighting_gamma = 1.0  # γ of p2 and min_snr
+  # transformer denoiser (DiT-style, adaLN-Zero by time and z): p×p patches are the tokens
+  model.dit_patch_size = 7
+  model.dit_width = 128
+  model.dit_depth = 4
+  model.dit_heads = 4
+  # U-Net denoiser
   model.unet_channels = 32
   model.unet_channel_mult = (1, 2)
   model.unet_num_res_blocks = 1
   model.unet_attn_resolutions = ()
   model.unet_emb_dim = 128
   model.unet_dropout = 0.0
-  model.unet_conditioning = "adagn"  # adagn | film | xattn
+  # scale: (1 + Dense(z)) scales each ResBlock's time-modulated features (DiffAE's code) |
+  # adagn: Dense(z) added to the time embedding | film: a second FiLM by z | xattn: one token
+  model.unet_conditioning = "adagn"
 
   # --- diffusion schedules ----------------------------------------------------------------
   # name: cosine | linear_logsnr; log-SNR λ runs from logsnr_max (t = 0) to logsnr_min (t = 1)
@@ -81,6 +98,10 @@ def get_config() -> ml_collections.ConfigDict:
   em.encoder_inner_steps = 1  # encoder denoising updates per E-step on the same (x, z^K)
   em.encoder_noise_draws = 4  # (t, ε) draws per (x, z^K) pair in each encoder update
   em.prox_weight = 0.0  # λ_prox: ½ λ_prox ‖z − z⁰‖² added to U
+  # rounds of a DiffAE-style joint warm-up before EM (`DiffusionEncoder.joint_round`): the
+  # decoder's loss on z⁰ reaches the encoder through its sampler, so that z is informative
+  # when EM starts (a diffusion decoder that ignores z is a fixed point of EM)
+  em.joint_warmup_rounds = 0
   em.langevin = langevin = ml_collections.ConfigDict()
   langevin.num_steps = 5
   langevin.step_rule = "gauss_newton"  # fixed | snr | gauss_newton
@@ -91,13 +112,25 @@ def get_config() -> ml_collections.ConfigDict:
   # it 3 of 6 runs had a chain blow up, gap ~1e9); ~75 % accepted, same PSNR, 1 extra ∇U
   langevin.mala = True
   langevin.refresh_precision = False  # gauss_newton: recompute H every step (else once at z⁰)
-  langevin.mc_samples = 1  # diffusion decoder: (t, ε) draws per ∇U estimate
+  # diffusion decoder's energy (diffenc_jax/posterior.py): mc_samples (λ, ε) draws per U,
+  # fixed along a chain, stratified; antithetic ε/−ε pairs (mc_samples even); λ from proposal
+  # uniform_t | uniform | logistic (importance-weighted, centred where z matters); an SVRG
+  # control variate at z⁰ with reference_samples draws; gn_levels noise levels of the
+  # gauss_newton rule's precision
+  langevin.mc_samples = 2
+  langevin.antithetic = True
+  langevin.proposal = "logistic"
+  langevin.log_snr_center = 2.0
+  langevin.log_snr_scale = 2.0
+  langevin.control_variate = False
+  langevin.reference_samples = 8
+  langevin.gn_levels = 4
   em.eval_refine_steps = 10  # Langevin steps from z⁰ at evaluation time
   # fit a latent DDPM prior (diffae.prior_*) to the encoder's z⁰, one update per E-step, and
   # sample through it instead of N(0, I), which the codes' aggregate distribution need not match
   em.latent_prior = False
 
-  # --- baselines (DESIGN.md §2; diffenc_jax/baselines.py) ----------------------------------
+  # --- baselines (docs/method.md §2; diffenc_jax/baselines.py) -----------------------------
   # vae: β is em.beta and the encoder GaussianEncoder(enc_channels, enc_features).
   # diffenc_joint: no fields of its own (em.beta, em.encoder_noise_draws, encoder_sampler).
   config.diffae = diffae = ml_collections.ConfigDict()
@@ -112,6 +145,9 @@ def get_config() -> ml_collections.ConfigDict:
   diffae.prior_hidden = 256
   diffae.prior_blocks = 3
   diffae.prior_lr = 1e-3
+  # fit the prior to z standardised by running dataset statistics, de-standardise its samples
+  # (DiffAE's z-normalisation); diffenc's em.latent_prior uses it too
+  diffae.prior_normalize = False
   diffae.prior_steps = 50  # latent DDIM steps when sampling z from the prior
   # 0 = deterministic DDIM, 1 = ancestral. On a prior fitted to a 2-D gaussian, 50 steps with
   # η = 0 sampled std (0.97, 2.02) for (0.5, 1.5), with η = 1 (0.50, 1.54) (tests/test_train.py)
@@ -121,6 +157,9 @@ def get_config() -> ml_collections.ConfigDict:
   diffae.prior_clip = 10.0
   config.dmz = dmz = ml_collections.ConfigDict()
   dmz.temperature = 0.5  # relaxed-Bernoulli (Gumbel-sigmoid) temperature of the training codes
+  # training codes rounded to {0, 1} in the forward pass (straight-through gradient)
+  dmz.straight_through = False
+  dmz.noise_scale = 1.0  # scale of the logistic noise of the training codes (1: binary concrete)
   dmz.input_perturbation = 0.1  # DDPM-IP's γ in the decoder's ε-MSE
   dmz.sample_steps = 10  # respaced image DDIM steps when decoding (reconstruction and samples)
 
@@ -151,4 +190,10 @@ def get_config() -> ml_collections.ConfigDict:
   ev.num_images = 64  # images in PNG grids
   ev.use_ema = False  # evaluate the EMA parameters instead of the raw ones
   ev.decoder_steps = 50  # diffusion decoder: image DDIM steps when decoding
+  # held-out failure detectors beside PSNR: recon_acc, the share of reconstructions that a small
+  # CNN (trained once on the train split for this many steps, cached in classifier_dir, default
+  # ~/.cache/diffenc_jax; 0 = off) recognises as their digit; probe_acc, a linear probe of z⁰
+  ev.classifier_steps = 400
+  ev.classifier_dir = ""
+  ev.probe = True
   return config

@@ -1,7 +1,7 @@
 """Diffusion encoder + gaussian decoder on mnist5k (4,500 train / 500 held-out): the CPU default.
 
 default.py's recipe, trained for 4,500 rounds with the learning rate decayed by a cosine to 0
-and AdamW weight decay 0.1 (about 9 minutes on the 2-core CPU; see README for the measured
+and AdamW weight decay 0.1 (about 9 minutes on a 2-core CPU host; docs/recipes.md has the measured
 figures), and a latent DDPM prior fitted to z⁰ alongside for sampling (it does not change the
 encoder or decoder)."""
 

@@ -28,4 +28,6 @@ def get_config():
   config.eval.rate_samples = 2
   config.eval.num_images = 4
   config.eval.decoder_steps = 3
+  config.eval.classifier_steps = 0
+  config.eval.probe = False
   return config

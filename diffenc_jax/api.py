@@ -4,6 +4,9 @@
     z = model.encode(x)                                    # (B, d): the encoder's own z⁰
     z = model.encode(x, refine_steps=10)                   # (B, d): z^K, E-step Langevin from z⁰
     x_hat = model.decode(z)                                # (B, H, W, C) in [-1, 1]
+    x_T = model.encode_stochastic(x)                       # diffusion decoder: DDIM inversion
+    x_hat = model.decode(z, x_T=x_T)                       # … decoded from it: ≈ x
+    x_edit = model.manipulate(x, direction, scale=2.0)     # z moved along a direction
     path = model.interpolate(x[0], x[1], num=8)            # (8, H, W, C), slerp in latent space
     xs = model.sample(16)                                  # (16, H, W, C) through the prior
     model.save_grid(xs, "samples.png", rows=4)
@@ -24,7 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from diffenc_jax import evaluate, train, visualize
+from diffenc_jax import em, evaluate, train, visualize
 
 Array = jax.Array
 MODES = ("slerp", "lerp")
@@ -82,6 +85,9 @@ class Autoencoder:
     self._encode = jax.jit(self._encode_fn, static_argnums=3)
     self._decode = jax.jit(self._decode_fn)
     self._interpolate = jax.jit(self._interpolate_fn, static_argnums=4)
+    self._invert = jax.jit(self._invert_fn)
+    self._decode_from = jax.jit(self._decode_from_fn)
+    self._manipulate = jax.jit(self._manipulate_fn)
     self._sample_latents = jax.jit(method.sample_latents, static_argnums=2)
 
   @classmethod
@@ -142,6 +148,20 @@ class Autoencoder:
   def _decode_fn(self, params, z, key):
     return evaluate.decode_images(self.method, params["decoder"], z, key)
 
+  def _invert_fn(self, params, x, z):
+    return self.method.decoder.encode_stochastic(params["decoder"], x, z)
+
+  def _decode_from_fn(self, params, z, x_T, key):
+    return jnp.clip(self.method.decoder.decode(params["decoder"], z, key, x_T=x_T), -1.0, 1.0)
+
+  def _manipulate_fn(self, params, x, direction, scale, key, mean, std):
+    z = self.method.latents(params, x, key, 0)["z0"]
+    unit = direction / jnp.maximum(jnp.linalg.norm(direction), 1e-12)
+    z_new = mean + std * ((z - mean) / std + scale * unit)
+    if self.method.decoder.kind == "diffusion":  # keep what x_T carries: decode from x's own
+      return self._decode_from_fn(params, z_new, self._invert_fn(params, x, z), key)
+    return self._decode_fn(params, z_new, key)
+
   def _interpolate_fn(self, params, z_a, z_b, key, num, use_slerp):
     # both paths are cheap: a traced choice compiles the decoder once for both modes
     ts = jnp.linspace(0.0, 1.0, num)
@@ -150,12 +170,21 @@ class Autoencoder:
     return jax.vmap(lambda z: self._decode_fn(params, z[None], key)[0])(path)
 
   # --- checks at the public boundary ------------------------------------------------------
+  @staticmethod
+  def _nonempty_finite(x: Array, name: str) -> None:
+    if not x.shape[0]:
+      raise ValueError(f"{name} is an empty batch, shape {x.shape}: B must be >= 1")
+    bad = int(jnp.sum(~jnp.isfinite(x)))
+    if bad:
+      raise ValueError(f"{name} holds {bad} NaN or infinite values")
+
   def _images(self, x, name: str = "x") -> Array:
     x = jnp.asarray(x, jnp.float32)
-    if x.shape[1:] != self.data_shape:
+    if x.ndim < 1 or x.shape[1:] != self.data_shape:
       raise ValueError(f"{name} must have shape (B, {', '.join(map(str, self.data_shape))}), "
                        f"got {x.shape}")
-    if len(self.data_shape) == 3 and x.size:
+    self._nonempty_finite(x, name)
+    if len(self.data_shape) == 3:
       lo, hi = float(jnp.min(x)), float(jnp.max(x))
       if lo < -1 - _RANGE_TOLERANCE or hi > 1 + _RANGE_TOLERANCE:
         raise ValueError(f"{name} must be images in [-1, 1] like the training data (uint8 p ↦ "
@@ -176,6 +205,7 @@ class Autoencoder:
     z = jnp.asarray(z, jnp.float32)
     if z.ndim != 2 or z.shape[1] != self.latent_dim:
       raise ValueError(f"{name} must have shape (B, {self.latent_dim}), got {z.shape}")
+    self._nonempty_finite(z, name)
     return z
 
   @staticmethod
@@ -191,11 +221,55 @@ class Autoencoder:
       raise ValueError(f"refine_steps must be an int >= 0, got {refine_steps!r}")
     return self._encode(self.params, self._images(x), self._key(key), int(refine_steps))
 
-  def decode(self, z, key: Array | None = None) -> Array:
+  def decode(self, z, key: Array | None = None, x_T=None) -> Array:
     """Images (B, H, W, C) in [-1, 1] decoded from latents z (B, d): the gaussian decoder's
-    mean, or a DDIM sample of the diffusion decoder (config.eval.decoder_steps steps) drawn
-    with key; clipped to [-1, 1] (2-D points are returned as decoded)."""
-    return self._decode(self.params, self._latents(z), self._key(key))
+    mean, or a DDIM sample of the diffusion decoder (config.eval.decoder_steps steps) from a
+    random x_T drawn with key, or from the given x_T (B, H, W, C) (e.g. `encode_stochastic`'s);
+    clipped to [-1, 1] (2-D points are returned as decoded)."""
+    z = self._latents(z)
+    if x_T is None:
+      return self._decode(self.params, z, self._key(key))
+    self._need_diffusion("decode from x_T")
+    x_T = jnp.asarray(x_T, jnp.float32)
+    if x_T.shape != (z.shape[0],) + self.data_shape:
+      raise ValueError(f"x_T must have shape {(z.shape[0],) + self.data_shape}, got {x_T.shape}")
+    return self._decode_from(self.params, z, x_T, self._key(key))
+
+  def encode_stochastic(self, x, z=None, key: Array | None = None) -> Array:
+    """x_T (B, H, W, C): the diffusion decoder's deterministic DDIM inversion of images x given
+    their latents z (default: encode(x, key)), with config.eval.decoder_steps steps, so that
+    decode(z, x_T=x_T) gives x back (DiffAE's stochastic encoding: x_T holds what z does not)."""
+    self._need_diffusion("encode_stochastic")
+    x = self._images(x)
+    z = self.encode(x, key) if z is None else self._latents(z)
+    if z.shape[0] != x.shape[0]:
+      raise ValueError(f"z has {z.shape[0]} rows for {x.shape[0]} images")
+    return self._invert(self.params, x, z)
+
+  def manipulate(self, x, direction, scale: float = 1.0, key: Array | None = None) -> Array:
+    """Images x (B, H, W, C) edited by moving their code along `direction` (d,) in
+    standardised z: z' = μ + s ⊙ ((z⁰ − μ)/s + scale · direction/‖direction‖), μ and s the
+    run's running code statistics (diffae.prior_normalize; else 0 and 1), e.g. a linear
+    probe's class weight (fitted on standardised codes). A diffusion decoder decodes z' from
+    x's own x_T (`encode_stochastic`), so what z does not carry is kept."""
+    x = self._images(x)
+    direction = jnp.asarray(direction, jnp.float32)
+    if direction.shape != (self.latent_dim,):
+      raise ValueError(f"direction must have shape ({self.latent_dim},), got {direction.shape}")
+    return self._manipulate(self.params, x, direction, jnp.float32(scale), self._key(key),
+                            *self.code_statistics())
+
+  def code_statistics(self) -> tuple[np.ndarray, np.ndarray]:
+    """(mean (d,), std (d,)) with which `manipulate` standardises codes: the run's running
+    statistics of z⁰ (diffae.prior_normalize), else zeros and ones."""
+    if "zstats" in self.params:
+      return tuple(np.asarray(a) for a in em.LatentDDPMPrior.mean_std(self.params["zstats"]))
+    return np.zeros(self.latent_dim, np.float32), np.ones(self.latent_dim, np.float32)
+
+  def _need_diffusion(self, what: str) -> None:
+    if self.method.decoder.kind != "diffusion":
+      raise ValueError(f"{what} needs a diffusion decoder; this model's is "
+                       f"{self.method.decoder.kind!r}")
 
   def reconstruct(self, x, key: Array | None = None, refine_steps: int = 0) -> Array:
     """decode(encode(x, key, refine_steps), key): images (B, H, W, C) → (B, H, W, C)."""
@@ -214,7 +288,8 @@ class Autoencoder:
     if not isinstance(num, (int, np.integer)) or num < 2:
       raise ValueError(f"num must be an int >= 2, got {num!r}")
     key = self._key(key)
-    z_a, z_b = (self.encode(self._one(x, name), key) for x, name in ((x_a, "x_a"), (x_b, "x_b")))
+    z_a, z_b = (self._encode(self.params, self._images(self._one(x, name), name), key, 0)
+                for x, name in ((x_a, "x_a"), (x_b, "x_b")))
     return self._interpolate(self.params, z_a[0], z_b[0], key, int(num), mode == "slerp")
 
   def sample(self, n: int, key: Array | None = None) -> Array:

@@ -1,4 +1,4 @@
-"""The baselines of DESIGN.md §2, behind the method interface of `diffenc_jax.methods`.
+"""The baselines of docs/method.md §2, behind the method interface of `diffenc_jax.methods`.
 
     vae            Gaussian encoder, reparameterised; NLL + β KL
     diffae         deterministic encoder, z-conditioned U-Net (AdaGN); ε-MSE through z;
@@ -9,9 +9,9 @@
                    ablation of EM)
 
 Each is trained by one loss over all its parameters, one joint update per batch
-(`OneLossMethod`). vae, diffae and dmz (`Autoencoder`) use the decoder half of
-`em.DiffusionEncoder` itself (decoder networks, NLL, image sampler), so that every method
-runs the same decoders and differs only in its encoder and training.
+(`OneLossMethod`). vae, diffae and dmz (`Autoencoder`) compose an encoder network with a decoder
+of `diffenc_jax.decoders` (the one diffenc builds from the same config), so that every method
+runs the same decoders and differs only in its encoder and training rule.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from diffenc_jax import em, losses, models, schedules
+from diffenc_jax import decoders, em, losses, models, schedules
 
 Array = jax.Array
 DIFFAE_ENCODERS = ("conv", "resnet")
@@ -49,7 +49,8 @@ class OneLossMethod:
 
   def apply_gradients(self, state: em.TrainState, grads) -> em.TrainState:
     """One step of each group's optimiser (own clipping and Adam state), then the EMA."""
-    params, opt_state = {}, {}
+    # groups without an optimiser (e.g. running statistics) are carried over unchanged
+    params, opt_state = dict(state.params), dict(state.opt_state)
     for name, opt in self.optimizers.items():
       updates, opt_state[name] = opt.update(grads[name], state.opt_state[name],
                                             state.params[name])
@@ -85,26 +86,22 @@ class OneLossMethod:
 
 class Autoencoder(OneLossMethod):
   """Base of vae, diffae and dmz: an encoder network `self.encoder` (built by the subclass,
-  applied as encoder.apply(params, x)) and the diffusion encoder's decoder half."""
+  applied as encoder.apply(params, x)) composed with the decoder `decoders.build(config)`."""
 
   def __init__(self, config, data_shape: tuple[int, ...]):
     self.config = config
     self.data_shape = tuple(data_shape)
     self.latent_dim = config.model.latent_dim
-    # the decoder half of the diffusion encoder, shared rather than copied: the same decoder
-    # network, NLL, initialisation, image sampler and optimisers (its latent denoiser is unused)
-    self.diffenc = em.DiffusionEncoder(config, self.data_shape)
-    self.decoder = self.diffenc.decoder
-    self.schedule = self.diffenc.schedule
-    self.image_schedule = self.diffenc.image_schedule
+    self.decoder = decoders.build(config, self.data_shape)
+    self.schedule = schedules.get_schedule(**config.schedule)  # latent schedule (priors)
     self.optimizers = encoder_decoder_optimizers(config)
 
   def init_params(self, key: Array) -> dict:
     k_enc, k_dec = jax.random.split(key)
-    # the diffusion encoder's own initialisation; under jit its unused encoder half is dropped
-    dec = self.diffenc.init_state(k_dec).params["decoder"]
+    # the decoder gets the key that em.DiffusionEncoder.init_state(k_dec) would give it, so a
+    # baseline and diffenc with one seed start from the same decoder
     return {"encoder": self.encoder.init(k_enc, jnp.zeros((1,) + self.data_shape)),
-            "decoder": dec}
+            "decoder": self.decoder.init(jax.random.split(k_dec)[1])}
 
   def init_state(self, key: Array) -> em.TrainState:
     params = self.init_params(key)
@@ -115,16 +112,7 @@ class Autoencoder(OneLossMethod):
   def decode(self, dec_params, z: Array, key: Array, num_steps: int | None = None) -> Array:
     """x̂ (B, ...) from z (B, d): the gaussian decoder's mean, or an image DDIM sample with
     `num_steps` (config.eval.decoder_steps by default) for the diffusion decoder."""
-    return self.diffenc.decode(dec_params, z, key, num_steps)
-
-  def eps_mse(self, dec_params, x: Array, z: Array, key: Array,
-              input_perturbation: float = 0.0) -> Array:
-    """Unit-weighted ε-MSE of the diffusion decoder on (x, z), dropout on, per example (B,);
-    `input_perturbation` is DDPM-IP's γ."""
-    k_loss, k_drop = jax.random.split(key)
-    return losses.denoising_loss(self.diffenc.decoder_eps_fn(dec_params, z, True, k_drop), x,
-                                 k_loss, self.image_schedule,
-                                 input_perturbation=input_perturbation)
+    return self.decoder.decode(dec_params, z, key, num_steps)
 
   def sample_latents(self, params, key: Array, n: int) -> Array:
     """n latents (n, d) from the prior N(0, I)."""
@@ -151,7 +139,7 @@ class VAE(Autoencoder):
   `latents()["z0"]` and `encode` return the posterior mean μ(x), not a sample: reconstruction
   PSNR and linear probes of a VAE are, by common practice, read from the mean, which is its
   best single code. `latents()["zK"]` is that mean refined by diffenc's E-step Langevin chain
-  (`em.DiffusionEncoder.posterior_sample`: same β, step rule, MALA) on this decoder's
+  (`em.posterior_sample`: same β, step rule, MALA, preconditioner) on this decoder's
   posterior, the like-for-like counterpart of diffenc's z^K.
   """
 
@@ -172,15 +160,15 @@ class VAE(Autoencoder):
   def latents(self, params, x: Array, key: Array,
               num_steps: int | None = None) -> dict[str, Array]:
     """{"z0": μ(x), "zK": μ(x) after `num_steps` (em.langevin.num_steps by default) steps of
-    the E-step's Langevin chain on π_β(z|x) ∝ p(z) p_θ(x|z)^(1/β), "info": its diagnostics};
-    num_steps=0, or a gauss_newton step rule without a gaussian decoder: zK = z0, info None.
+    the E-step's Langevin chain on π_β(z|x) ∝ p(z) p_θ(x|z)^(1/β) (`em.posterior_sample` on
+    this decoder, β = em.beta), "info": its diagnostics}; num_steps=0: zK = z0, info None.
     No gradients."""
     k_chain = jax.random.fold_in(key, 1)
     z0 = jax.lax.stop_gradient(self.encode(params["encoder"], x))
-    gauss_newton = self.config.em.langevin.step_rule == "gauss_newton"
-    if num_steps == 0 or (gauss_newton and self.config.model.decoder != "gaussian"):
+    if num_steps == 0:
       return {"z0": z0, "zK": z0, "info": None}
-    zk, info = self.diffenc.posterior_sample(params, x, z0, k_chain, num_steps)
+    zk, info = em.posterior_sample(self.config, self.decoder, params["decoder"], x, z0,
+                                   k_chain, num_steps)
     return {"z0": z0, "zK": zk, "info": info}
 
   def rate_latent(self, params, x: Array, z0: Array, key: Array) -> Array:
@@ -200,7 +188,7 @@ class VAE(Autoencoder):
     k_z, k_nll = jax.random.split(key)
     mean, log_var = self.encoder.apply(params["encoder"], x)
     beta = self.config.em.beta if beta is None else beta
-    out = losses.vae_loss(lambda z: self.diffenc.nll(params["decoder"], x, z, k_nll), mean,
+    out = losses.vae_loss(lambda z: self.decoder.nll(params["decoder"], x, z, k_nll), mean,
                           log_var, k_z, beta)
     return out["loss"].mean(), {"loss": out["loss"].mean(), "nll": out["nll"].mean(),
                                 "kl": out["kl"].mean()}
@@ -214,19 +202,22 @@ class VAE(Autoencoder):
 class DiffAE(Autoencoder):
   """Diffusion autoencoder (Preechakul et al. 2022): a deterministic encoder z = E(x)
   (DeterministicEncoder, or ResNetEncoder with config.diffae.encoder='resnet'), the
-  z-conditioned U-Net decoder (model.unet_conditioning, AdaGN in DiffAE), and a latent DDPM
-  prior `LatentPrior` over z for sampling.
+  z-conditioned diffusion decoder (`decoders.DiffusionDecoder`: DiffAE's U-Net with z as a
+  multiplicative scale, model.unet_conditioning='scale', or the transformer denoiser), and a
+  latent DDPM prior `LatentPrior` over z for sampling.
 
   Loss, batch mean of
-      ‖ε − ε_θ(x_t, t, E_φ(x))‖²            (unit-weighted ε-MSE, gradient through z into φ)
+      w(t) ‖ε − ε̂_θ(x_t, t, E_φ(x))‖²      (the decoder's loss, gradient through z into φ;
+                                            DiffAE's is the unit ε-MSE, model.dec_weighting)
     + ‖ε' − ε_ψ(z_t, t)‖²,  z_t from stop_gradient(E_φ(x))   (the prior's own ε-MSE)
   with θ, φ and ψ ('prior', own optimiser at diffae.prior_lr) updated in one step. DiffAE
   fits the latent DDPM afterwards, on the codes of the trained, frozen encoder; training it on
   detached codes in the same step is equivalent in that no gradient of the prior's loss
   reaches the autoencoder (and the prior's loss does not depend on θ), so the autoencoder
   trains exactly as DiffAE's, while the prior tracks its moving codes and is ready at any
-  checkpoint. DiffAE also standardises z with dataset statistics before fitting the prior;
-  here the raw codes are fitted, and the prior's sampler clips its predicted z_0 to
+  checkpoint. With diffae.prior_normalize (DiffAE's z-normalisation) the prior is fitted to z
+  standardised by running dataset statistics, kept in params['zstats'] and updated after each
+  step, and its samples are de-standardised; the prior's sampler clips its predicted z_0 to
   ±diffae.prior_clip (`em.LatentDDPMPrior`).
 
   `rate` is +∞ (a deterministic encoder carries unbounded information about x);
@@ -234,7 +225,7 @@ class DiffAE(Autoencoder):
   `decode` is image DDIM with config.eval.decoder_steps.
   """
 
-  progress_keys = ("eps_mse", "prior_loss")
+  progress_keys = ("dec_loss", "prior_loss")
   rate_kind = "∞ (deterministic)"
 
   def __init__(self, config, data_shape: tuple[int, ...]):
@@ -255,7 +246,21 @@ class DiffAE(Autoencoder):
 
   def init_params(self, key: Array) -> dict:
     k_ae, k_prior = jax.random.split(key)
-    return {**super().init_params(k_ae), "prior": self.prior.init(k_prior)}
+    params = {**super().init_params(k_ae), "prior": self.prior.init(k_prior)}
+    if self.prior.normalize:
+      params["zstats"] = self.prior.init_stats()
+    return params
+
+  def update(self, state: em.TrainState, x: Array, key: Array):
+    """One joint update, then (with diffae.prior_normalize) the running z statistics."""
+    (_, metrics), grads = jax.value_and_grad(self.loss, has_aux=True)(state.params, x, key)
+    state = self.apply_gradients(state, grads)
+    if self.prior.normalize:  # the codes of the updated encoder (no gradient)
+      z = self.encode(state.params["encoder"], x)
+      stats = self.prior.update_stats(state.params["zstats"], z)
+      state = state.replace(params={**state.params, "zstats": stats},
+                            ema={**state.ema, "zstats": stats})
+    return state, metrics
 
   def encode(self, enc_params, x: Array, key: Array | None = None,
              num_steps: int | None = None) -> Array:
@@ -266,10 +271,10 @@ class DiffAE(Autoencoder):
   def loss(self, params, x: Array, key: Array):
     k_dec, k_prior = jax.random.split(key)
     z = self.encode(params["encoder"], x)
-    eps_mse = self.eps_mse(params["decoder"], x, z, k_dec).mean()
-    prior_loss = self.prior.loss(params["prior"], z, k_prior).mean()
-    return eps_mse + prior_loss, {"eps_mse": eps_mse, "prior_loss": prior_loss,
-                                  "z_norm2": jnp.mean(jnp.sum(jnp.square(z), -1))}
+    dec_loss = self.decoder.loss(params["decoder"], x, z, k_dec).mean()
+    prior_loss = self.prior.loss(params["prior"], z, k_prior, params.get("zstats")).mean()
+    return dec_loss + prior_loss, {"dec_loss": dec_loss, "prior_loss": prior_loss,
+                                   "z_norm2": jnp.mean(jnp.sum(jnp.square(z), -1))}
 
   def rate(self, params, x: Array, z0: Array, key: Array, num_samples: int) -> Array:
     """+∞ per example (B,): the encoder is deterministic."""
@@ -277,8 +282,8 @@ class DiffAE(Autoencoder):
     return jnp.full((x.shape[0],), jnp.inf)
 
   def sample_latents(self, params, key: Array, n: int) -> Array:
-    """n latents (n, d) from the latent DDPM prior, by latent DDIM."""
-    return self.prior.sample(params["prior"], key, n)
+    """n latents (n, d) from the latent DDPM prior, by latent DDIM (de-standardised)."""
+    return self.prior.sample(params["prior"], key, n, params.get("zstats"))
 
 
 class DMZ(Autoencoder):
@@ -287,15 +292,17 @@ class DMZ(Autoencoder):
 
   Training codes are soft: z = sigmoid((logits + L)/τ), L ~ Logistic(0, 1) (binary concrete,
   τ = dmz.temperature), strictly inside (0, 1) and differentiable; evaluation codes are hard,
-  z = 1[logits > 0] ∈ {0, 1}^d. Loss, batch mean of the unit-weighted ε-MSE with DDPM-IP input
-  perturbation (γ = dmz.input_perturbation):
-      ‖ε − ε_θ(α_t x + σ_t (ε + γ ξ), t, z)‖²,
+  z = 1[logits > 0] ∈ {0, 1}^d. With dmz.straight_through the training codes are the relaxed
+  sample rounded to {0, 1} in the forward pass, with the relaxed sample's gradient (the decoder
+  then trains on the kind of code it decodes at evaluation). Loss, batch mean of the decoder's loss (DMZ's: the unit ε-MSE;
+  model.dec_weighting) with DDPM-IP input perturbation (γ = dmz.input_perturbation):
+      w(t) ‖ε − ε̂_θ(α_t x + σ_t (ε + γ ξ), t, z)‖²,
   gradient through the relaxed z into the encoder; no prior or rate term. The prior is
   Bernoulli(½)^d, so `rate` is d ln 2 per example (what d bits can carry at most); `decode`
   and generation use respaced few-step DDIM (dmz.sample_steps).
   """
 
-  progress_keys = ("eps_mse", "bits_on")
+  progress_keys = ("dec_loss", "bits_on")
   rate_kind = "d ln 2 (bits)"
 
   def __init__(self, config, data_shape: tuple[int, ...]):
@@ -307,7 +314,11 @@ class DMZ(Autoencoder):
     """The bits z (B, d) of x: relaxed (in (0, 1), needs key) if train, else hard {0, 1}."""
     logits = self.encoder.apply(enc_params, x)
     if train:
-      return models.relaxed_bernoulli(key, logits, self.config.dmz.temperature)
+      soft = models.relaxed_bernoulli(key, logits, self.config.dmz.temperature,
+                                      self.config.dmz.noise_scale)
+      if self.config.dmz.straight_through:  # hard bits forward, the soft ones' gradient
+        return soft + jax.lax.stop_gradient(jnp.round(soft) - soft)
+      return soft
     return models.hard_bernoulli(logits)
 
   def encode(self, enc_params, x: Array, key: Array | None = None,
@@ -319,9 +330,9 @@ class DMZ(Autoencoder):
   def loss(self, params, x: Array, key: Array):
     k_code, k_dec = jax.random.split(key)
     z = self.code(params["encoder"], x, k_code, train=True)
-    eps_mse = self.eps_mse(params["decoder"], x, z, k_dec,
-                           self.config.dmz.input_perturbation).mean()
-    return eps_mse, {"eps_mse": eps_mse, "bits_on": jnp.mean(z)}
+    dec_loss = self.decoder.loss(params["decoder"], x, z, k_dec,
+                                 self.config.dmz.input_perturbation).mean()
+    return dec_loss, {"dec_loss": dec_loss, "bits_on": jnp.mean(z)}
 
   def rate(self, params, x: Array, z0: Array, key: Array, num_samples: int) -> Array:
     """d ln 2 per example (B,), nats."""
@@ -346,10 +357,10 @@ class DiffusionEncoderJoint(OneLossMethod, em.DiffusionEncoder):
       NLL_θ(x | z⁰) + β ½‖z⁰‖²  +  L_enc(φ; x, stop_gradient(z⁰)),
   with z⁰ differentiable in φ through every sampler step, θ and φ updated in one step.
   The first two terms are β·U(z⁰), the energy U = NLL/β − log p(z) + const that the E-step's
-  Langevin chain descends (DESIGN.md §1), here descended by φ through the sampler instead of
+  Langevin chain descends (docs/method.md §1.5), here descended by φ through the sampler instead of
   by z; the last is the encoder's own denoising loss (em.encoder_noise_draws draws), which EM
   applies on z^K and which here, with no refinement, applies on the encoder's own sample. This
-  is "one loss, gradient through the DDIM chain" (DESIGN.md §2) with everything else equal to
+  is "one loss, gradient through the DDIM chain" (docs/method.md §2) with everything else equal to
   EM: same U, β, networks and encoder loss, and the opposing pulls — the decoder's pressure
   through the chain and the denoising update — meet in one gradient instead of alternating.
   The decoder sees the same U: the exact NLL for the gaussian decoder, the ELBO bound (not the

@@ -42,6 +42,7 @@ import math
 import os
 import struct
 import sys
+import zlib
 from typing import Callable, Iterator, NamedTuple
 
 import grain
@@ -149,7 +150,8 @@ def load_eval_split(data_config, split: str, *,
 
 
 def get_info(data_config) -> DatasetInfo:
-  """Shapes, sizes and number of classes of the configured dataset."""
+  """Shapes, sizes and number of classes of the configured dataset. In-memory datasets are read
+  and checked: both splits non-empty, with examples of one shape (one-line ValueError)."""
   validate_data_config(data_config)
   name = data_config.name
   if name == "tfds":
@@ -161,6 +163,11 @@ def get_info(data_config) -> DatasetInfo:
                        data_config.num_test or num_test, num_classes, True)
   train_images, train_labels = _in_memory_split(data_config, "train")
   test_images, _ = load_eval_split(data_config, "test")
+  if test_images.shape[1:] != train_images.shape[1:]:
+    raise ValueError(f"config.data: the test split's examples have shape {test_images.shape[1:]}, "
+                     f"the train split's {train_images.shape[1:]}")
+  if not len(test_images):
+    raise ValueError("config.data: the test split holds no examples")
   num_classes = _FIXED[name][2] if name in _FIXED else int(train_labels.max()) + 1
   return DatasetInfo(name, train_images.shape[1:], len(train_images), len(test_images),
                      num_classes, train_images.ndim == 4)
@@ -231,8 +238,11 @@ def read_idx(path: str) -> np.ndarray:
   Layout: two zero bytes, a type byte (0x08 uint8 ... 0x0E float64), the number of dims n, n
   big-endian uint32 sizes, then the big-endian data in C order.
   """
-  with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-    raw = f.read()
+  try:
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+      raw = f.read()
+  except (OSError, EOFError, zlib.error) as e:  # a damaged or truncated gzip stream
+    raise ValueError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
   if len(raw) < 4 or raw[0] or raw[1] or raw[2] not in _IDX_DTYPES:
     raise ValueError(f"{path}: not an IDX file (magic bytes {raw[:4].hex()})")
   ndim, dtype = raw[3], np.dtype(_IDX_DTYPES[raw[2]])
@@ -260,6 +270,10 @@ def _load_idx(data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
                      f"{images.shape}")
   if labels.shape != images.shape[:1]:
     raise ValueError(f"{labels_path}: labels {labels.shape} do not match {len(images)} images")
+  if not len(images):
+    raise ValueError(f"{images_path}: holds no images")
+  if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0:
+    raise ValueError(f"{labels_path}: labels must be integers >= 0, got {labels.dtype}")
   return images[..., None], labels
 
 

@@ -1,4 +1,4 @@
-"""The Diffusion Encoder trained by EM (DESIGN.md §1): pure, jittable E- and M-steps.
+"""The Diffusion Encoder trained by EM (docs/method.md §1): pure, jittable E- and M-steps.
 
 `DiffusionEncoder(config, info)` holds only static things (networks, schedules, optimisers);
 every method is a pure function of explicit arrays, e.g.
@@ -15,7 +15,6 @@ denoising updates of φ on (x, z^K). M-step: θ ← NLL_θ(x|z^K) + λ_align NLL
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import flax.struct
@@ -23,11 +22,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from diffenc_jax import losses, models, samplers, schedules
+from diffenc_jax import decoders, losses, models, samplers, schedules
 
 Array = jax.Array
-PARAMETERIZATIONS = ("eps", "x0", "v")
-DECODERS = ("gaussian", "diffusion")
+PARAMETERIZATIONS = losses.PARAMETERIZATIONS
+DECODERS = decoders.DECODERS
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -80,18 +79,6 @@ def ema_update(ema, params, decay: float):
   return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
 
 
-def eps_from_output(out: Array, z_t: Array, t: Array, schedule: schedules.Schedule,
-                    parameterization: str) -> Array:
-  """Converts a network output to ε̂: 'eps' (ε̂ = out), 'x0' (out = ẑ_0, ε̂ = (z_t − α ẑ_0)/σ)
-  or 'v' (out = v̂ = α ε̂ − σ ẑ_0, so ε̂ = σ z_t + α v̂). Shapes (B, d); t (B,)."""
-  if parameterization == "eps":
-    return out
-  alpha, sigma = (a[:, None] for a in schedule.alpha_sigma(t))
-  if parameterization == "x0":
-    return (z_t - alpha * out) / sigma
-  return sigma * z_t + alpha * out
-
-
 class LatentDDPMPrior:
   """A latent DDPM p(z) fitted to stop_gradient(z) of an encoder's codes, for sampling them:
   `models.LatentPrior` (config.diffae.prior_hidden, prior_blocks) trained by the unit-weighted
@@ -99,16 +86,25 @@ class LatentDDPMPrior:
   with the predicted z_0 clipped to ±diffae.prior_clip. DiffAE's prior, and diffenc's when
   em.latent_prior is set.
 
+  With diffae.prior_normalize the DDPM is fitted to z standardised per dimension by running
+  dataset statistics (`init_stats` / `update_stats`: an exponential moving average, decay
+  STATS_DECAY, of the batches' means and second moments) and its samples are
+  de-standardised: DiffAE's z-normalisation, which makes the prior's task independent of the
+  codes' scale (its authors call it crucial for sampling and manipulation).
+
   The clip matters: at the latent schedule's log-SNR of −15 the first DDIM steps multiply the
   ε-network's error by up to σ/α ≈ 1,800; unclipped, a prior fitted to N((2, −1), diag(0.25,
   2.25)) sampled means of (69, −24). So does the ancestral sampler (diffae.prior_eta = 1): the
   deterministic one overstated that law's std by up to 2× (tests/test_train.py)."""
+
+  STATS_DECAY = 0.99
 
   def __init__(self, config, schedule: schedules.Schedule):
     d = config.diffae
     self.config = config
     self.schedule = schedule
     self.latent_dim = config.model.latent_dim
+    self.normalize = d.prior_normalize
     self.module = models.LatentPrior(self.latent_dim, hidden=d.prior_hidden,
                                      num_blocks=d.prior_blocks)
     # Adam at diffae.prior_lr, one update per batch of a round, no weight decay
@@ -117,19 +113,77 @@ class LatentDDPMPrior:
   def init(self, key: Array):
     return self.module.init(key, jnp.zeros((1, self.latent_dim)), jnp.zeros((1,)))
 
+  def init_stats(self) -> dict[str, Array]:
+    """Running per-dimension mean and second moment of the codes, starting at N(0, I)'s."""
+    return {"mean": jnp.zeros((self.latent_dim,)), "sq": jnp.ones((self.latent_dim,))}
+
+  def update_stats(self, stats: dict[str, Array], z: Array) -> dict[str, Array]:
+    """One moving-average step of `stats` towards the batch z (B, d) (no gradient)."""
+    z = jax.lax.stop_gradient(z)
+    new = {"mean": jnp.mean(z, 0), "sq": jnp.mean(jnp.square(z), 0)}
+    return jax.tree.map(lambda s, b: self.STATS_DECAY * s + (1 - self.STATS_DECAY) * b,
+                        stats, new)
+
+  @staticmethod
+  def mean_std(stats: dict[str, Array]) -> tuple[Array, Array]:
+    """(mean (d,), std (d,)) of the running statistics (std floored at 1e-3)."""
+    std = jnp.sqrt(jnp.maximum(stats["sq"] - jnp.square(stats["mean"]), 1e-6))
+    return stats["mean"], std
+
   def eps_fn(self, params):
     return lambda z_t, t: self.module.apply(params, z_t, t)
 
-  def loss(self, params, z: Array, key: Array) -> Array:
-    """ε-MSE per example (B,) on stop_gradient(z) (B, d)."""
-    return losses.denoising_loss(self.eps_fn(params), jax.lax.stop_gradient(z), key,
-                                 self.schedule)
+  def loss(self, params, z: Array, key: Array, stats: dict | None = None) -> Array:
+    """ε-MSE per example (B,) on stop_gradient(z) (B, d), standardised by `stats` if given."""
+    z = jax.lax.stop_gradient(z)
+    if stats is not None:
+      mean, std = self.mean_std(stats)
+      z = (z - mean) / std
+    return losses.denoising_loss(self.eps_fn(params), z, key, self.schedule)
 
-  def sample(self, params, key: Array, n: int) -> Array:
-    """n latents (n, d) by latent DDIM."""
+  def sample(self, params, key: Array, n: int, stats: dict | None = None) -> Array:
+    """n latents (n, d) by latent DDIM, de-standardised by `stats` if given."""
     d = self.config.diffae
-    return samplers.latent_ddim(self.eps_fn(params), key, (n, self.latent_dim), self.schedule,
-                                d.prior_steps, eta=d.prior_eta, clip=d.prior_clip)
+    z = samplers.latent_ddim(self.eps_fn(params), key, (n, self.latent_dim), self.schedule,
+                             d.prior_steps, eta=d.prior_eta, clip=d.prior_clip)
+    if stats is not None:
+      mean, std = self.mean_std(stats)
+      z = mean + std * z
+    return z
+
+
+def posterior_sample(config, decoder, dec_params, x: Array, z0: Array, key: Array,
+                     num_steps: int | None = None, beta: float | Array | None = None
+                     ) -> tuple[Array, samplers.LangevinInfo]:
+  """The E-step's chain on any decoder of `diffenc_jax.decoders` (diffenc's z^K, and the VAE's
+  refined mean): em.langevin.num_steps (or `num_steps`) Langevin steps from z⁰ on
+  π_β(z|x) ∝ p(z) p_θ(x|z)^(1/β) exp(−½ λ_prox ‖z − z⁰‖²), with config.em.langevin's step
+  rule, MALA and preconditioner; β = config.em.beta unless given. No gradient reaches θ."""
+  em, lv = config.em, config.em.langevin
+  beta = em.beta if beta is None else beta
+  dec_params = jax.lax.stop_gradient(dec_params)
+  k_nll, k_chain, k_pre = jax.random.split(key, 3)
+  # the decoder's energy: exact for the gaussian decoder; for the diffusion decoder an ELBO
+  # estimate whose (t, ε) draws are fixed for the whole chain, so U is deterministic along it
+  nll = decoder.energy_fn(dec_params, x, k_nll, z0)
+
+  def log_density(z):
+    log_p = -nll(z) / beta - 0.5 * jnp.sum(z**2, -1)
+    if em.prox_weight:
+      log_p -= 0.5 * em.prox_weight * jnp.sum((z - z0) ** 2, -1)
+    return log_p
+
+  precision_fn = None
+  if lv.step_rule == "gauss_newton":
+    precision_fn = decoder.precision_fn(dec_params, x, k_pre, beta,
+                                        prior_precision=1.0 + em.prox_weight)
+  # XLA:CPU runs convolutions inside a loop body several times slower than at top level
+  # (benchmarks/langevin.py): on a CPU, a conv decoder's chain is unrolled
+  unroll = True if decoder.convolutional and jax.default_backend() == "cpu" else 1
+  return samplers.langevin_posterior(
+      log_density, z0, k_chain, num_steps=num_steps or lv.num_steps, step_size=lv.step_size,
+      step_rule=lv.step_rule, max_move=lv.max_move, snr=lv.snr, mala=lv.mala,
+      precision_fn=precision_fn, refresh_precision=lv.refresh_precision, unroll=unroll)
 
 
 class DiffusionEncoder:
@@ -147,19 +201,9 @@ class DiffusionEncoder:
     self.encoder = models.LatentDenoiser(
         latent_dim=m.latent_dim, channels=tuple(m.enc_channels), feature_dim=m.enc_features,
         hidden=m.enc_hidden, num_blocks=m.enc_blocks)
-    if m.decoder == "gaussian":
-      self.decoder = models.GaussianDecoder(image_shape=self.data_shape, arch=m.dec_arch,
-                                            mlp_hidden=tuple(m.dec_hidden),
-                                            channels=tuple(m.dec_channels),
-                                            dropout=m.dec_dropout)
-    else:
-      self.decoder = models.UNetDecoder(
-          image_shape=self.data_shape, channels=m.unet_channels,
-          channel_mult=tuple(m.unet_channel_mult), num_res_blocks=m.unet_num_res_blocks,
-          attn_resolutions=tuple(m.unet_attn_resolutions), emb_dim=m.unet_emb_dim,
-          dropout=m.unet_dropout, conditioning=m.unet_conditioning, latent_dim=m.latent_dim)
+    # p_θ(x|z): gaussian or diffusion (`diffenc_jax.decoders`)
+    self.decoder = decoders.build(config, self.data_shape)
     self.schedule = schedules.get_schedule(**config.schedule)
-    self.image_schedule = schedules.get_schedule(**config.image_schedule)
     em_ = config.em
     self.enc_opt = optimizer_for(config, config.train.enc_lr,
                                  em_.e_updates * em_.encoder_inner_steps)
@@ -173,16 +217,14 @@ class DiffusionEncoder:
     x = jnp.zeros((1,) + self.data_shape)
     z = jnp.zeros((1, self.latent_dim))
     t = jnp.zeros((1,))
-    params = {"encoder": self.encoder.init(k_enc, z, t, x)}
-    if self.config.model.decoder == "gaussian":
-      params["decoder"] = self.decoder.init(k_dec, z)
-    else:
-      params["decoder"] = self.decoder.init(k_dec, x, t, z)
+    params = {"encoder": self.encoder.init(k_enc, z, t, x), "decoder": self.decoder.init(k_dec)}
     opt_state = {"encoder": self.enc_opt.init(params["encoder"]),
                  "decoder": self.dec_opt.init(params["decoder"])}
     if self.prior is not None:
       params["prior"] = self.prior.init(jax.random.fold_in(key, 2))
       opt_state["prior"] = self.prior.optimizer.init(params["prior"])
+      if self.prior.normalize:
+        params["zstats"] = self.prior.init_stats()
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
                       ema=jax.tree.map(jnp.copy, params))
 
@@ -193,7 +235,7 @@ class DiffusionEncoder:
 
     def eps_fn(z_t, t):
       out = self.encoder.apply(enc_params, z_t, t, h, method="denoise")
-      return eps_from_output(out, z_t, t, self.schedule, param)
+      return losses.eps_from_prediction(out, z_t, t, self.schedule, param)
 
     return eps_fn
 
@@ -235,77 +277,28 @@ class DiffusionEncoder:
   def sample_latents(self, params, key: Array, n: int) -> Array:
     """n latents from the prior: N(0, I), or the fitted latent DDPM with em.latent_prior."""
     if self.prior is not None:
-      return self.prior.sample(params["prior"], key, n)
+      return self.prior.sample(params["prior"], key, n, params.get("zstats"))
     return jax.random.normal(key, (n, self.latent_dim))
 
   # --- decoder p_θ(x|z) ----------------------------------------------------------------
-  def decoder_mean(self, dec_params, z: Array) -> Array:
-    """Gaussian decoder's mean μ_θ(z) (B, ...)."""
-    return self.decoder.apply(dec_params, z)
-
-  def decoder_eps_fn(self, dec_params, z: Array, train: bool = False, key: Array | None = None):
-    rngs = {"dropout": key} if train and key is not None else None
-    return lambda x_t, t: self.decoder.apply(dec_params, x_t, t, z, train=train, rngs=rngs)
-
   def nll(self, dec_params, x: Array, z: Array, key: Array) -> Array:
     """−log p_θ(x|z) per example (B,), nats: exact for the gaussian decoder, the
-    continuous-time ELBO bound (`mc_samples` draws) for the diffusion decoder."""
-    if self.config.model.decoder == "gaussian":
-      return losses.gaussian_nll(x, self.decoder_mean(dec_params, z), self.config.model.sigma_x)
-    return losses.diffusion_nll_bound(self.decoder_eps_fn(dec_params, z), x, key,
-                                      self.image_schedule, self.config.em.langevin.mc_samples)
-
-  def decoder_loss(self, dec_params, x: Array, z: Array, key: Array) -> Array:
-    """Per-example training loss of the decoder (B,): the NLL for the gaussian decoder (with
-    model.dec_dropout applied), the unit-weighted ε-MSE for the diffusion decoder."""
-    m = self.config.model
-    if m.decoder == "gaussian":
-      mean = self.decoder.apply(dec_params, z, train=m.dec_dropout > 0, rngs={"dropout": key})
-      return losses.gaussian_nll(x, mean, m.sigma_x)
-    k_loss, k_drop = jax.random.split(key)
-    return losses.denoising_loss(self.decoder_eps_fn(dec_params, z, True, k_drop), x, k_loss,
-                                 self.image_schedule)
+    continuous-time ELBO bound (em.langevin.mc_samples draws) for the diffusion decoder."""
+    return self.decoder.nll(dec_params, x, z, key)
 
   def decode(self, dec_params, z: Array, key: Array, num_steps: int | None = None) -> Array:
     """x̂ from z: the mean for the gaussian decoder, an image DDIM sample for the diffusion one."""
-    if self.config.model.decoder == "gaussian":
-      return self.decoder_mean(dec_params, z)
-    return samplers.latent_ddim(self.decoder_eps_fn(dec_params, z), key,
-                                (z.shape[0],) + self.data_shape, self.image_schedule,
-                                num_steps or self.config.eval.decoder_steps, eta=0.0, clip=1.0)
+    return self.decoder.decode(dec_params, z, key, num_steps)
 
   # --- E-step --------------------------------------------------------------------------
   def posterior_sample(self, params, x: Array, z0: Array, key: Array,
                        num_steps: int | None = None,
                        beta: float | Array | None = None) -> tuple[Array, samplers.LangevinInfo]:
     """z^K: Langevin on π_β(z|x) ∝ p(z) p_θ(x|z)^(1/β) exp(−½ λ_prox ‖z − z⁰‖²) from z⁰;
-    β = em.beta unless given (the E-step passes `schedules.beta_at` of its round)."""
-    em, lv = self.config.em, self.config.em.langevin
-    beta = em.beta if beta is None else beta
-    dec_params = jax.lax.stop_gradient(params["decoder"])
-    k_nll, k_chain = jax.random.split(key)
-
-    def log_density(z):
-      # one fixed set of (t, ε) draws for the whole chain keeps U a deterministic function
-      log_p = -self.nll(dec_params, x, z, k_nll) / beta - 0.5 * jnp.sum(z**2, -1)
-      if em.prox_weight:
-        log_p -= 0.5 * em.prox_weight * jnp.sum((z - z0) ** 2, -1)
-      return log_p
-
-    precision_fn = None
-    if lv.step_rule == "gauss_newton":
-      precision_fn = samplers.gauss_newton_precision(
-          functools.partial(self.decoder_mean, dec_params), self.config.model.sigma_x,
-          beta, prior_precision=1.0 + em.prox_weight)
-    # XLA:CPU runs convolutions inside a loop body several times slower than at top level
-    # (benchmarks/langevin.py): on a CPU, a conv decoder's chain is unrolled
-    convolutional = self.config.model.decoder == "diffusion" or (
-        self.config.model.dec_arch == "conv" and len(self.data_shape) == 3)
-    unroll = True if convolutional and jax.default_backend() == "cpu" else 1
-    return samplers.langevin_posterior(
-        log_density, z0, k_chain, num_steps=num_steps or lv.num_steps, step_size=lv.step_size,
-        step_rule=lv.step_rule, max_move=lv.max_move, snr=lv.snr, mala=lv.mala,
-        precision_fn=precision_fn, refresh_precision=lv.refresh_precision, unroll=unroll)
+    β = em.beta unless given (the E-step passes `schedules.beta_at` of its round).
+    The module's `posterior_sample` on this method's decoder."""
+    return posterior_sample(self.config, self.decoder, params["decoder"], x, z0, key,
+                            num_steps, beta)
 
   def latents(self, params, x: Array, key: Array, num_steps: int | None = None,
               beta: float | Array | None = None) -> dict[str, Array]:
@@ -351,9 +344,15 @@ class DiffusionEncoder:
 
   def prior_step(self, state: TrainState, z0: Array, key: Array):
     """One update of the latent prior on the encoder's own samples z⁰: (state, loss)."""
-    loss, grads = jax.value_and_grad(lambda p: self.prior.loss(p, z0, key).mean())(
+    stats = state.params.get("zstats")
+    loss, grads = jax.value_and_grad(lambda p: self.prior.loss(p, z0, key, stats).mean())(
         state.params["prior"])
-    return self.apply_update(state, "prior", self.prior.optimizer, grads), loss
+    state = self.apply_update(state, "prior", self.prior.optimizer, grads)
+    if stats is not None:
+      stats = self.prior.update_stats(stats, z0)
+      state = state.replace(params={**state.params, "zstats": stats},
+                            ema={**state.ema, "zstats": stats})
+    return state, loss
 
   def apply_update(self, state: TrainState, name: str, opt: optax.GradientTransformation,
                    grads) -> TrainState:
@@ -373,8 +372,8 @@ class DiffusionEncoder:
     k_k, k_0 = jax.random.split(key)
 
     def loss_fn(dec_params):
-      loss_k = self.decoder_loss(dec_params, x, latents["zK"], k_k).mean()
-      loss_0 = self.decoder_loss(dec_params, x, latents["z0"], k_0).mean() if lam else 0.0
+      loss_k = self.decoder.loss(dec_params, x, latents["zK"], k_k).mean()
+      loss_0 = self.decoder.loss(dec_params, x, latents["z0"], k_0).mean() if lam else 0.0
       return loss_k + lam * loss_0, (loss_k, loss_0)
 
     (_, (loss_k, loss_0)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -383,9 +382,9 @@ class DiffusionEncoder:
     return state, {"dec_loss_zK": loss_k, "dec_loss_z0": jnp.asarray(loss_0)}
 
   # --- one round -----------------------------------------------------------------------
-  def train_round(self, state: TrainState, xs: Array, key: Array):
+  def em_round(self, state: TrainState, xs: Array, key: Array):
     """e_updates E-steps, one per batch of xs (E, B, ...), then m_updates M-steps reusing
-    those batches' latents in turn. Returns (state with step + 1, metrics)."""
+    those batches' latents in turn. Returns (state, metrics); the step is not advanced."""
     # e_updates and m_updates are small config integers: trace-time loops (see e_step)
     num_e = xs.shape[0]
     e_metrics, lats = [], []
@@ -398,5 +397,53 @@ class DiffusionEncoder:
       state, metrics = self.m_step(state, xs[i % num_e], lats[i % num_e],
                                    jax.random.fold_in(key, num_e + i))
       m_metrics.append(metrics)
-    mean = lambda ms: jax.tree.map(lambda *v: jnp.mean(jnp.stack(v)), *ms)
-    return state.replace(step=state.step + 1), {**mean(e_metrics), **mean(m_metrics)}
+    return state, {**_mean(e_metrics), **_mean(m_metrics)}
+
+  def joint_round(self, state: TrainState, xs: Array, key: Array):
+    """The warm-up's round (em.joint_warmup_rounds): per batch of xs one joint update of the
+    encoder and decoder, DiffAE-style: the decoder's training loss on the encoder's own DDIM
+    sample z⁰, its gradient reaching φ through the sampler's steps, plus the encoder's
+    denoising loss on stop_gradient(z⁰). It makes z informative before EM starts: EM from a
+    decoder that ignores z stays there (docs/method.md §4). Returns (state, metrics)."""
+    metrics = []
+    for i in range(xs.shape[0]):
+      x = xs[i]
+      k_enc, k_dec, k_den = jax.random.split(jax.random.fold_in(key, i), 3)
+
+      def loss_fn(params):
+        z0 = self.encode(params["encoder"], x, k_enc)
+        dec = self.decoder.loss(params["decoder"], x, z0, k_dec).mean()
+        enc = self.encoder_loss(params["encoder"], x, jax.lax.stop_gradient(z0), k_den)
+        return dec + enc, (dec, enc, z0)
+
+      grads, (dec, enc, z0) = jax.grad(loss_fn, has_aux=True)(state.params)
+      state = self.apply_update(state, "encoder", self.enc_opt, grads["encoder"])
+      state = self.apply_update(state, "decoder", self.dec_opt, grads["decoder"])
+      if self.prior is not None:
+        state, _ = self.prior_step(state, jax.lax.stop_gradient(z0), jax.random.fold_in(k_den, 1))
+      metrics.append({"enc_loss": enc, "dec_loss_z0": dec,
+                      "z0_norm2": jnp.mean(jnp.sum(jnp.square(z0), -1))})
+    return state, _mean(metrics)
+
+  def train_round(self, state: TrainState, xs: Array, key: Array):
+    """One round: `em_round`, or `joint_round` while state.step < em.joint_warmup_rounds
+    (one program, `lax.cond`; the warm-up's metrics fill EM's keys it lacks with 0). Returns
+    (state with step + 1, metrics)."""
+    warmup = self.config.em.joint_warmup_rounds
+    if not warmup:
+      state, metrics = self.em_round(state, xs, key)
+      return state.replace(step=state.step + 1), metrics
+    em_metrics = jax.eval_shape(self.em_round, state, xs, key)[1]
+
+    def joint(state):
+      state, metrics = self.joint_round(state, xs, key)
+      return state, {k: metrics.get(k, jnp.zeros(v.shape, v.dtype)) for k, v in em_metrics.items()}
+
+    state, metrics = jax.lax.cond(state.step < warmup, joint,
+                                  lambda s: self.em_round(s, xs, key), state)
+    return state.replace(step=state.step + 1), metrics
+
+
+def _mean(metrics: list[dict]) -> dict:
+  """The per-key mean of a list of metric dicts."""
+  return jax.tree.map(lambda *v: jnp.mean(jnp.stack(v)), *metrics)

@@ -1,11 +1,14 @@
 """Held-out evaluation: reconstruction PSNR from z⁰, from E-step-refined z^K and from the
-variable whose rate is reported (z_q), rate, gap; the rate as a function of its log-SNR floor.
+variable whose rate is reported (z_q), rate, gap, and what shows a failure that PSNR can hide:
+how many reconstructions a classifier recognises, how many distinct codes the split gets, and a
+linear probe of the codes; the rate as a function of its log-SNR floor.
 
 PSNR is computed with pixels in [0, 1] (the model's [-1, 1] output is clipped and mapped by
 x ↦ (x + 1)/2) as 10 log10(1 / MSE), the MSE averaged over every pixel of the held-out split
-(one number for the split, not a mean of per-image PSNRs, which would read higher).
+(one number for the split, not a mean of per-image PSNRs, which would read higher). A diffusion
+decoder decodes from a random x_T (config.eval.decoder_steps of DDIM).
 
-Rate and distortion of the same variable (DESIGN.md §6, docs/rate.md): `rate_nats` is the KL
+Rate and distortion of the same variable (docs/method.md §1.8, docs/rate.md): `rate_nats` is the KL
 to the prior of `method.rate_latent` — for diffenc the code blurred at the latent schedule's
 λ_max, z_q = α_0 z⁰ + σ_0 ε; for the VAE a sample of q(z|x) — and `mse_zq`/`psnr_zq` are the
 distortion of decoding that same z_q.
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -42,11 +46,19 @@ class HeldOut:
   method: object
   images: np.ndarray
   labels: np.ndarray
+  classifier: dict | None = None  # FeatureClassifier variables: adds recon_acc
 
   @classmethod
-  def load(cls, config, method) -> "HeldOut":
+  def load(cls, config, method, classifier: dict | None = None) -> "HeldOut":
+    """The held-out split of config.data; with image data and config.eval.classifier_steps > 0
+    the cached feature classifier (trained on the train split the first time, in
+    config.eval.classifier_dir) unless one is given."""
     images, labels = data.load_eval_split(config.data, "test")
-    return cls(config, method, images, labels)
+    if classifier is None and config.eval.classifier_steps > 0 and images.ndim == 4:
+      from diffenc_jax import metrics  # sklearn and scipy: loaded only when used
+      classifier = metrics.load_or_train_classifier(
+          config.data, classifier_dir(config), seed=0, steps=config.eval.classifier_steps)
+    return cls(config, method, images, labels, classifier)
 
   def __post_init__(self):
     self._batch_metrics = jax.jit(self._metrics)
@@ -79,24 +91,81 @@ class HeldOut:
     if info is not None:  # methods with a posterior refinement of z⁰
       out["move"] = jnp.full((x.shape[0],), info.move_norm)
       out["accept"] = jnp.full((x.shape[0],), info.accept_rate)
-    return out
+    decoder = self.method.decoder
+    if decoder.kind == "diffusion":  # autoencoding through z⁰ and x's own DDIM-inverted x_T
+      dec_params = params["decoder"]
+      x_T = decoder.encode_stochastic(dec_params, x, z0)
+      out["mse_xT"] = unit_mse(x, decoder.decode(dec_params, z0, k_rec, x_T=x_T))
+    return out, z0, jnp.clip(x0, -1.0, 1.0)
 
   def evaluate(self, state, key=None) -> dict[str, float]:
-    """Metrics over the whole held-out split (EMA params if config.eval.use_ema)."""
+    """Metrics over the whole held-out split (EMA params if config.eval.use_ema):
+
+    psnr_z0, psnr_zK  reconstruction PSNR from the encoder's z⁰ / the refined z^K (a diffusion
+                      decoder decodes from a random x_T);
+    psnr_xT           (diffusion decoder) PSNR decoding z⁰ from x's own x_T, the decoder's
+                      DDIM inversion of x given z⁰ (DiffAE's autoencoding);
+    rate_nats/bits    the method's rate estimate; gap E‖z^K − z⁰‖²;
+    distinct_codes    how many different z⁰ the split's images get (rows equal after rounding
+                      to DISTINCT_DECIMALS decimals; a collapsed encoder gets few);
+    recon_acc         (with a classifier) the share of reconstructions from z⁰ that the
+                      feature classifier assigns to the image's own label (a decoder that
+                      ignores z draws other digits: ~0.1);
+    probe_acc         (config.eval.probe) `probe_accuracy` of z⁰.
+    """
     params = state.eval_params(self.config.eval.use_ema)
     key = jax.random.key(self.config.seed + 1) if key is None else key
     b = self.config.eval.batch_size
-    sums, n = {}, 0
+    sums, n, codes, recons = {}, 0, [], []
     for i in range(0, len(self.images), b):
       x = self.images[i:i + b]
-      out = jax.device_get(self._batch_metrics(params, x, jax.random.fold_in(key, i)))
+      out, z0, x0 = jax.device_get(self._batch_metrics(params, x, jax.random.fold_in(key, i)))
       for k, v in out.items():
         sums[k] = sums.get(k, 0.0) + float(np.sum(v))
+      codes.append(z0)
+      recons.append(x0)
       n += len(x)
     mean = {k: v / n for k, v in sums.items()}
-    return {"psnr_z0": psnr_from_mse(mean["mse_z0"]), "psnr_zK": psnr_from_mse(mean["mse_zK"]),
-            "psnr_zq": psnr_from_mse(mean["mse_zq"]), "rate_nats": mean["rate_nats"],
-            "rate_bits": mean["rate_nats"] / math.log(2), **mean}
+    result = {"psnr_z0": psnr_from_mse(mean["mse_z0"]), "psnr_zK": psnr_from_mse(mean["mse_zK"]),
+              "psnr_zq": psnr_from_mse(mean["mse_zq"]),
+              **({"psnr_xT": psnr_from_mse(mean["mse_xT"])} if "mse_xT" in mean else {}),
+              "rate_nats": mean["rate_nats"], "rate_bits": mean["rate_nats"] / math.log(2),
+              **mean, "distinct_codes": distinct_codes(np.concatenate(codes))}
+    if self.classifier is not None:
+      from diffenc_jax import metrics
+      result["recon_acc"] = metrics.classifier_accuracy(self.classifier, np.concatenate(recons),
+                                                        self.labels)
+    if self.config.eval.probe:
+      result["probe_acc"] = probe_accuracy(self.config, self.method, params,
+                                           np.concatenate(codes), self.labels,
+                                           jax.random.fold_in(key, len(self.images)))
+    return result
+
+
+DISTINCT_DECIMALS = 3
+
+
+def distinct_codes(z: np.ndarray, decimals: int = DISTINCT_DECIMALS) -> int:
+  """The number of different rows of z (N, d) after rounding to `decimals` decimals: N for an
+  injective code, 1 for a collapsed one (binary codes count exactly)."""
+  return int(len(np.unique(np.round(np.asarray(z, np.float64), decimals), axis=0)))
+
+
+def classifier_dir(config) -> str:
+  """Where the feature classifier is cached: config.eval.classifier_dir, else
+  ~/.cache/diffenc_jax."""
+  return config.eval.classifier_dir or os.path.join(os.path.expanduser("~"), ".cache",
+                                                    "diffenc_jax")
+
+
+def probe_accuracy(config, method, params, test_z: np.ndarray, test_y: np.ndarray,
+                   key: jax.Array) -> float:
+  """Held-out accuracy of a logistic regression fitted on z⁰ of the train split
+  (`metrics.linear_probe_accuracy`), given the held-out split's z⁰ and labels."""
+  from diffenc_jax import metrics
+  train_x, train_y = data.load_eval_split(config.data, "train")
+  train_z, _ = split_latents(config, method, params, train_x, key, refine=False)
+  return metrics.linear_probe_accuracy(train_z, train_y, test_z, test_y)
 
 
 def rate_curve(config, method, params, images: np.ndarray, floors, key: jax.Array
@@ -198,30 +267,29 @@ def decode_all(config, method, params, z: np.ndarray, key: jax.Array) -> np.ndar
 
 
 def comparison_metrics(config, method, state, classifier_params=None) -> dict[str, float]:
-  """The held-out suite that the method comparison reports (`HeldOut.evaluate` plus):
+  """The held-out suite that the method comparison reports (`HeldOut.evaluate` with the
+  classifier's recon_acc and the probe_acc, plus):
 
-  probe_acc     logistic regression on z⁰ of the train split, accuracy on the held-out split;
-  recon_acc     the feature classifier's accuracy on held-out reconstructions from z⁰;
   recon_fd      classifier Fréchet distance, held-out images vs their reconstructions;
   sample_fd     classifier Fréchet distance, held-out images vs as many prior samples.
   The classifier (`metrics.load_or_train_classifier`) is trained on the train split only;
-  without one (classifier_params=None) the last three are left out.
+  without one (classifier_params=None) recon_acc, recon_fd and sample_fd are left out (none is
+  loaded or trained, whatever config.eval.classifier_steps says).
   """
   from diffenc_jax import metrics  # sklearn and scipy: loaded only for the comparison
 
   params = state.eval_params(config.eval.use_ema)
-  out = HeldOut.load(config, method).evaluate(state)
-  key = jax.random.key(config.seed + 5)
-  train_x, train_y = data.load_eval_split(config.data, "train")
   test_x, test_y = data.load_eval_split(config.data, "test")
-  train_z, _ = split_latents(config, method, params, train_x, key, refine=False)
+  # the given classifier, or none (not HeldOut.load's, which trains one on classifier_steps)
+  out = HeldOut(config, method, test_x, test_y, classifier_params).evaluate(state)
+  key = jax.random.key(config.seed + 5)
   test_z, _ = split_latents(config, method, params, test_x, jax.random.fold_in(key, 1),
                             refine=False)
-  out["probe_acc"] = metrics.linear_probe_accuracy(train_z, train_y, test_z, test_y)
+  if "probe_acc" not in out:
+    out["probe_acc"] = probe_accuracy(config, method, params, test_z, test_y, key)
   if classifier_params is None:
     return out
   recon = decode_all(config, method, params, test_z, jax.random.fold_in(key, 2))
-  out["recon_acc"] = metrics.classifier_accuracy(classifier_params, recon, test_y)
   out["recon_fd"] = metrics.sample_frechet_distance(classifier_params, test_x, recon)
   samples = generate(method, params, len(test_x), jax.random.fold_in(key, 3),
                      config.eval.batch_size)

@@ -21,7 +21,8 @@ from diffenc_jax.schedules import Schedule
 Array = jax.Array
 EpsFn = Callable[[Array, Array], Array]
 
-WEIGHTINGS = ("unit", "vlb", "x0", "v")
+WEIGHTINGS = ("unit", "vlb", "x0", "v", "p2", "min_snr")
+PARAMETERIZATIONS = ("eps", "x0", "v")
 
 
 def _sum_per_example(x: Array) -> Array:
@@ -47,6 +48,54 @@ def sample_times(key: Array, shape: tuple[int, ...], stratified: bool = False) -
   return jnp.mod(u + jnp.arange(n) / n, 1.0)
 
 
+def eps_from_prediction(out: Array, x_t: Array, t: Array, schedule: Schedule,
+                        parameterization: str) -> Array:
+  """ε̂ from a network's raw output, for latents (B, d) or images (B, H, W, C); t (B,).
+
+  'eps': ε̂ = out; 'x0': out = x̂_0, ε̂ = (x_t − α x̂_0)/σ; 'v': out = v̂ = α ε̂ − σ x̂_0, so
+  ε̂ = σ x_t + α v̂ (x_t = α x_0 + σ ε and α² + σ² = 1).
+  """
+  if parameterization == "eps":
+    return out
+  if parameterization not in PARAMETERIZATIONS:
+    raise ValueError(f"unknown parameterization {parameterization!r}; "
+                     f"choose one of {PARAMETERIZATIONS}")
+  alpha, sigma = (_bcast(a, x_t) for a in schedule.alpha_sigma(t))
+  if parameterization == "x0":
+    return (x_t - alpha * out) / sigma
+  return sigma * x_t + alpha * out
+
+
+def loss_weight(weighting: str, schedule: Schedule, t: Array, gamma: float = 1.0) -> Array:
+  """The weight w(t) (shape of t) that a weighting puts on the ε-MSE ‖ε − ε̂‖².
+
+  With SNR = e^λ:
+    'unit'     1: the plain ε-MSE (DDPM's "simple" loss);
+    'vlb'      −λ'(t)/2: its expectation over t ~ U(0, 1) is the diffusion term of the
+               continuous-time ELBO (nats);
+    'x0'       1/SNR: the MSE of the implied x̂_0 = (x_t − σ ε̂)/α;
+    'v'        1 + 1/SNR = 1/α²: the MSE of the implied v̂ (v-prediction's loss);
+    'p2'       1/(1 + SNR)^γ: P2 weighting (k = 1), less weight at low noise;
+    'min_snr'  min(SNR, γ)/SNR: min-SNR-γ, the ε-MSE capped at low noise.
+  The image decoder's training weighting is chosen separately from the ELBO's ('vlb'), which
+  is what an NLL in nats needs.
+  """
+  if weighting not in WEIGHTINGS:
+    raise ValueError(f"unknown weighting {weighting!r}; choose one of {WEIGHTINGS}")
+  if weighting == "unit":
+    return jnp.ones_like(jnp.asarray(t, jnp.float32))
+  if weighting == "vlb":
+    return -0.5 * schedule.dlog_snr_dt(t)
+  lam = schedule.log_snr(t)
+  if weighting == "x0":
+    return jnp.exp(-lam)
+  if weighting == "v":
+    return 1.0 + jnp.exp(-lam)
+  if weighting == "p2":
+    return jnp.exp(-gamma * jax.nn.softplus(lam))  # (1 + e^λ)^(−γ), overflow-free
+  return jnp.minimum(1.0, gamma * jnp.exp(-lam))  # min(SNR, γ)/SNR
+
+
 def denoising_loss(
     eps_fn: EpsFn,
     x0: Array,
@@ -54,23 +103,30 @@ def denoising_loss(
     schedule: Schedule,
     *,
     weighting: str = "unit",
+    gamma: float = 1.0,
     input_perturbation: float = 0.0,
     t: Array | None = None,
+    parameterization: str = "eps",
 ) -> Array:
-  """ε-prediction loss ‖ε − ε̂(α_t x_0 + σ_t ε, t)‖², summed over dimensions. Shape (B,).
+  """Weighted ε-prediction loss w(t) ‖ε − ε̂(α_t x_0 + σ_t ε, t)‖², summed over dimensions.
+  Shape (B,).
 
   Args:
-    eps_fn: (x_t (B, ...), t (B,)) -> ε̂ (B, ...).
+    eps_fn: (x_t (B, ...), t (B,)) -> the network's output (B, ...): ε̂ itself, or with
+      `parameterization` 'v' / 'x0' its v̂ / x̂_0, converted to ε̂ here by `eps_from_prediction`
+      at the clean x_t.
     x0: clean data, latents (B, d) or images (B, H, W, C).
     key: PRNG key for t and ε.
     schedule: the noise schedule.
-    weighting: the weight w(t) on the ε-MSE: 'unit' (plain ε-MSE, the usual DDPM objective),
-      'vlb' (−λ'(t)/2: its expectation is the diffusion term of the continuous-time ELBO),
-      'x0' (e^{−λ} = σ²/α²: the MSE of the implied x̂_0 = (x_t − σ ε̂)/α), or 'v'
-      (1/α² = 1 + e^{−λ}: the MSE of the implied v̂, as in v-prediction).
+    weighting, gamma: the weight w(t), see `loss_weight` ('unit' is the usual DDPM objective;
+      'v' on a v-predicting network is its v-MSE).
     input_perturbation: DDPM-IP's γ: the network sees α_t x_0 + σ_t (ε + γ ξ) but must still
-      predict ε (0 disables it).
+      predict the clean sample's ε (0 disables it). For a v or x₀ network the target is the
+      clean sample's v or x₀: its output is converted at the clean x_t, so with the 'v'
+      weighting the loss is ‖v − v̂‖² exactly (converted at the perturbed x_t, the ε error
+      would carry σ²γξ, which 1/α² blows up at high noise).
     t: optional times (B,) in [0, 1]; drawn uniformly when None.
+    parameterization: what eps_fn returns: 'eps' (default), 'v' or 'x0'.
   """
   if weighting not in WEIGHTINGS:
     raise ValueError(f"unknown weighting {weighting!r}; choose one of {WEIGHTINGS}")
@@ -83,14 +139,14 @@ def denoising_loss(
   if input_perturbation:
     noise = eps + input_perturbation * jax.random.normal(key_ip, x0.shape, x0.dtype)
   x_t = _bcast(alpha, x0) * x0 + _bcast(sigma, x0) * noise
-  loss = _sum_per_example(jnp.square(eps - eps_fn(x_t, t)))
-  if weighting == "vlb":
-    loss = -0.5 * schedule.dlog_snr_dt(t) * loss
-  elif weighting == "x0":
-    loss = jnp.exp(-schedule.log_snr(t)) * loss
-  elif weighting == "v":
-    loss = (1.0 + jnp.exp(-schedule.log_snr(t))) * loss
-  return loss
+  eps_hat = eps_fn(x_t, t)
+  if parameterization != "eps":
+    x_clean = x_t if not input_perturbation else _bcast(alpha, x0) * x0 + _bcast(sigma, x0) * eps
+    eps_hat = eps_from_prediction(eps_hat, x_clean, t, schedule, parameterization)
+  loss = _sum_per_example(jnp.square(eps - eps_hat))
+  if weighting == "unit":
+    return loss
+  return loss_weight(weighting, schedule, t, gamma) * loss
 
 
 def gaussian_nll(x: Array, mean: Array, sigma: float | Array) -> Array:
@@ -181,11 +237,11 @@ def rate_estimate(
       d/dt KL(q_t ‖ N(0, I)) = −(β(t)/2) E ‖∇log q_t(z) + z‖²,   β(t) = −λ'(t) σ_t²,
   so with the model's score −ε̂/σ_t,
       R = E_{t ~ U(0,1), ε} [ ½ (−λ'(t)) ‖σ_t z_t − ε̂(z_t, t)‖² ] + KL(q_1 ‖ N(0, I)),
-  z_t = α_t z_0 + σ_t ε (DESIGN.md §1). The last term is of order α_1² and dropped. Each of the
+  z_t = α_t z_0 + σ_t ε (docs/method.md §1.8). The last term is of order α_1² and dropped. Each of the
   `num_samples` draws uses its own (t, ε); t is drawn uniformly in log-SNR, stratified. The expectation over
   z0 ~ q(·|x) is the caller's: pass several z0 per x and average.
 
-  What it estimates (DESIGN.md §6, docs/rate.md): the integral starts at the schedule's t = 0,
+  What it estimates (docs/method.md §1.8, docs/rate.md): the integral starts at the schedule's t = 0,
   where the log-SNR is λ_max, not ∞, so it is the KL of the *blurred* code
   z̃ = α_0 z_0 + σ_0 ε (σ_0² = sigmoid(−λ_max)), not of z_0 itself: for q = N(μ, s² I) that is
   KL(N(α_0 μ, (α_0² s² + σ_0²) I) ‖ N(0, I)). `log_snr_max` (≤ the schedule's λ_max) starts

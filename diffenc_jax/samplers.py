@@ -31,8 +31,10 @@ def latent_ddim(
     num_steps: int,
     eta: float = 0.0,
     clip: float | None = None,
+    x_init: Array | None = None,
 ) -> Array:
-  """Samples x_0 by DDIM from x_1 ~ N(0, I), for latents (B, d) or images (B, H, W, C).
+  """Samples x_0 by DDIM from x_1 ~ N(0, I) (or from a given x_1 = x_init), for latents
+  (B, d) or images (B, H, W, C).
 
   Times run over the uniform grid 1 = t_0 > t_1 > … > t_N = 0. At each step the model's ε̂
   gives x̂_0 = (x_t − σ_t ε̂)/α_t, optionally clipped to ±clip (an untrained network cannot
@@ -46,6 +48,8 @@ def latent_ddim(
     key: PRNG key.
     shape: (B, ...), the output shape.
     schedule, num_steps, eta, clip: as above.
+    x_init: optional starting point x_1 of `shape` (e.g. from `ddim_invert`); drawn from
+      N(0, I) when None.
   Returns:
     x_0, of `shape`.
   """
@@ -53,7 +57,7 @@ def latent_ddim(
     raise ValueError(f"num_steps must be >= 1, got {num_steps}")
   b = shape[0]
   key_init, key_steps = jax.random.split(key)
-  x = jax.random.normal(key_init, shape)
+  x = jax.random.normal(key_init, shape) if x_init is None else x_init
   times = jnp.linspace(1.0, 0.0, num_steps + 1)
 
   def step(x, inputs):
@@ -75,6 +79,38 @@ def latent_ddim(
   keys = jax.random.split(key_steps, num_steps)
   _, x0s = jax.lax.scan(step, x, (times[:-1], times[1:], keys))
   return x0s[-1]
+
+
+def ddim_invert(
+    eps_fn: Callable[[Array, Array], Array],
+    x0: Array,
+    schedule: Schedule,
+    num_steps: int,
+) -> Array:
+  """Deterministic DDIM run forwards: x_0 (B, ...) → x_1, the noise that `latent_ddim` with
+  eta = 0, no clip and the same `num_steps` maps back to (about) x_0 (DiffAE's stochastic
+  encoding, given the decoder's conditioning bound into eps_fn).
+
+  Over the grid 0 = s_0 < s_1 < … < s_N = 1, each step takes ε̂ at the current point,
+  x̂_0 = (x_s − σ_s ε̂)/α_s and x_t = α_t x̂_0 + σ_t ε̂: the DDIM update with the roles of the
+  two times exchanged. Exact inverse of DDIM whenever ε̂ is constant along the path (e.g. the
+  exact ε of a point mass); otherwise accurate to the discretisation of the ODE.
+  """
+  if num_steps < 1:
+    raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+  b = x0.shape[0]
+  times = jnp.linspace(0.0, 1.0, num_steps + 1)
+
+  def step(x, inputs):
+    s, t = inputs
+    alpha_s, sigma_s = schedule.alpha_sigma(s)
+    alpha_t, sigma_t = schedule.alpha_sigma(t)
+    eps = eps_fn(x, jnp.full((b,), s))
+    x0_hat = (x - sigma_s * eps) / alpha_s
+    return alpha_t * x0_hat + sigma_t * eps, None
+
+  x, _ = jax.lax.scan(step, x0, (times[:-1], times[1:]))
+  return x
 
 
 class LangevinInfo(NamedTuple):

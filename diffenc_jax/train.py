@@ -18,18 +18,27 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import sys
 import time
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from diffenc_jax import (baselines, data, em, evaluate, losses, methods, models, samplers,
-                         schedules, visualize)
+from diffenc_jax import (baselines, checkpointing, data, decoders, em, evaluate, losses, methods,
+                         models, posterior, samplers, schedules, visualize)
 
 MODES = ("train", "eval", "reconstruct", "sample", "encode")
 LR_SCHEDULES = ("constant", "cosine")
+# the config fields that may differ from a workdir's config.json when its run is resumed or
+# evaluated: how long to train, how often to log / evaluate / checkpoint, and evaluation only.
+# Any other difference would silently change the run (or not restore): refused, naming the field.
+RESUMABLE_FIELDS = ("train.mode", "train.num_steps", "train.log_every", "train.eval_every",
+                    "train.checkpoint_every", "train.keep_checkpoints", "em.eval_refine_steps",
+                    "data.num_test", "eval.*")
 
 
 class UsageError(ValueError):
@@ -60,14 +69,31 @@ def validate_config(config, num_devices: int | None = None) -> None:
   check(m.enc_weighting in losses.WEIGHTINGS,
         f"unknown model.enc_weighting {m.enc_weighting!r}; choose one of {losses.WEIGHTINGS}")
   check(m.sigma_x > 0, f"model.sigma_x must be > 0, got {m.sigma_x}")
+  check(m.denoiser in decoders.DENOISERS,
+        f"unknown model.denoiser {m.denoiser!r}; choose one of {decoders.DENOISERS}")
+  check(m.dec_parameterization in losses.PARAMETERIZATIONS,
+        f"unknown model.dec_parameterization {m.dec_parameterization!r}; "
+        f"choose one of {losses.PARAMETERIZATIONS}")
+  check(m.dec_weighting in losses.WEIGHTINGS,
+        f"unknown model.dec_weighting {m.dec_weighting!r}; choose one of {losses.WEIGHTINGS}")
+  check(m.dec_weighting_gamma > 0,
+        f"model.dec_weighting_gamma must be > 0, got {m.dec_weighting_gamma}")
+  if m.decoder == "diffusion" and m.denoiser == "dit":
+    check(all(v > 0 for v in (m.dit_patch_size, m.dit_width, m.dit_depth, m.dit_heads)), "model.dit_patch_size, dit_width, dit_depth and dit_heads must be > 0")
+    check(m.dit_width % m.dit_heads == 0,
+          f"model.dit_width={m.dit_width} is not divisible by model.dit_heads={m.dit_heads}")
   for name in ("schedule", "image_schedule"):
     check(config[name].name in schedules.SCHEDULES,
           f"unknown {name}.name {config[name].name!r}; choose one of {sorted(schedules.SCHEDULES)}")
   lv, langevin = config.em.langevin, config.method == "diffenc"  # only diffenc runs Langevin
   check(lv.step_rule in samplers.STEP_RULES,
         f"unknown em.langevin.step_rule {lv.step_rule!r}; choose one of {samplers.STEP_RULES}")
-  check(not (langevin and lv.step_rule == "gauss_newton" and m.decoder != "gaussian"),
-        "em.langevin.step_rule='gauss_newton' needs model.decoder='gaussian'")
+  check(lv.proposal in posterior.PROPOSALS,
+        f"unknown em.langevin.proposal {lv.proposal!r}; choose one of {posterior.PROPOSALS}")
+  check(lv.mc_samples >= 1 and not (lv.antithetic and lv.mc_samples % 2),
+        f"em.langevin.mc_samples must be >= 1 (even with antithetic), got {lv.mc_samples}")
+  check(lv.log_snr_scale > 0 and lv.gn_levels >= 1 and lv.reference_samples >= 1,
+        "em.langevin.log_snr_scale, gn_levels and reference_samples must be > 0")
   check(not (langevin and lv.mala and (lv.step_rule == "snr" or lv.max_move > 0)),
         "em.langevin.mala needs step_rule 'fixed' without max_move, or 'gauss_newton'")
   # baselines (diffenc_jax/baselines.py): each method's own section only
@@ -84,7 +110,8 @@ def validate_config(config, num_devices: int | None = None) -> None:
           "diffae.encoder='resnet' needs image data")
     check(dae.prior_steps >= 1, f"diffae.prior_steps must be >= 1, got {dae.prior_steps}")
   if config.method == "dmz":
-    check(m.unet_conditioning == "xattn", "method 'dmz' feeds z as one cross-attention token: "
+    check(m.denoiser != "unet" or m.unet_conditioning == "xattn",
+          "method 'dmz' feeds z to the U-Net as one cross-attention token: "
           "needs model.unet_conditioning='xattn'")
     check(config.dmz.temperature > 0, f"dmz.temperature must be > 0, got {config.dmz.temperature}")
     check(config.dmz.input_perturbation >= 0,
@@ -112,23 +139,110 @@ def validate_config(config, num_devices: int | None = None) -> None:
   b = config.train.batch_size
   check(b > 0 and b % num_devices == 0,
         f"train.batch_size={b} is not divisible by the {num_devices} devices")
-  check(config.eval.batch_size % num_devices == 0,
+  check(config.eval.batch_size > 0 and config.eval.batch_size % num_devices == 0,
         f"eval.batch_size={config.eval.batch_size} is not divisible by the {num_devices} devices")
+  check(isinstance(config.seed, int) and config.seed >= 0,
+        f"seed must be an int >= 0, got {config.seed!r}")
+  t = config.train
+  for name in ("num_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
+    check(t[name] >= 1, f"train.{name} must be >= 1, got {t[name]}")
+  for name in sorted(k for k in t.keys() if k.endswith("_lr") and k != "final_lr"):
+    check(t[name] > 0, f"train.{name} must be > 0, got {t[name]}")
+  check(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
+  check(t.grad_clip > 0, f"train.grad_clip must be > 0, got {t.grad_clip}")
+  check(0 <= t.ema_decay <= 1, f"train.ema_decay must be in [0, 1], got {t.ema_decay}")
+  for name in ("num_steps", "mc_samples"):
+    check(lv[name] >= 1, f"em.langevin.{name} must be >= 1, got {lv[name]}")
+  for name in ("step_size", "snr"):
+    check(lv[name] > 0, f"em.langevin.{name} must be > 0, got {lv[name]}")
+  check(lv.max_move >= 0, f"em.langevin.max_move must be >= 0, got {lv.max_move}")
+  check(config.em.eval_refine_steps >= 0,
+        f"em.eval_refine_steps must be >= 0, got {config.em.eval_refine_steps}")
+  for name in ("align_weight", "prox_weight"):
+    check(config.em[name] >= 0, f"em.{name} must be >= 0, got {config.em[name]}")
+  es = config.encoder_sampler
+  check(es.num_steps >= 1, f"encoder_sampler.num_steps must be >= 1, got {es.num_steps}")
+  check(0 <= es.eta <= 1, f"encoder_sampler.eta must be in [0, 1], got {es.eta}")
+  check(es.clip > 0, f"encoder_sampler.clip must be > 0, got {es.clip}")
+  for name in ("rate_samples", "num_images", "decoder_steps"):
+    check(config.eval[name] >= 1, f"eval.{name} must be >= 1, got {config.eval[name]}")
+
+
+def validate_data(config, info: data.DatasetInfo) -> None:
+  """Raises UsageError with one line where the config does not fit the dataset it names."""
+  n, b = info.num_train, config.train.batch_size
+  if b > n:
+    raise UsageError(f"bad config: train.batch_size={b} exceeds the {n} training examples of "
+                     f"{info.name}")
+  shift = config.data.augment_shift
+  if info.is_image and 2 * shift >= min(info.shape[:2]):
+    raise UsageError(f"bad config: data.augment_shift={shift} must be below half the image "
+                     f"size {info.shape[0]}x{info.shape[1]}")
 
 
 def maybe_initialize_distributed() -> None:
-  """Starts multi-process JAX when launched as one of several processes."""
-  if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("SLURM_NTASKS", "1") != "1":
-    jax.distributed.initialize()
+  """Starts multi-process JAX when launched as one of several processes: JAX_COORDINATOR_ADDRESS
+  with JAX_NUM_PROCESSES and JAX_PROCESS_ID (which jax does not read itself), or a cluster
+  that jax detects (SLURM, TPU pods)."""
+  if jax.distributed.is_initialized():
+    return
+  env = os.environ
+  if env.get("JAX_COORDINATOR_ADDRESS") or env.get("SLURM_NTASKS", "1") != "1":
+    count, index = env.get("JAX_NUM_PROCESSES"), env.get("JAX_PROCESS_ID")
+    jax.distributed.initialize(num_processes=int(count) if count else None,
+                               process_id=int(index) if index else None)
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[prefix + k] = v
+  return out
+
+
+def _may_change(field: str) -> bool:
+  return any(field == f or (f.endswith(".*") and field.startswith(f[:-1]))
+             for f in RESUMABLE_FIELDS)
+
+
+def check_resume(config, workdir: str) -> None:
+  """Where workdir already holds a run (its config.json), raises UsageError naming the first
+  field that differs from config and is not in RESUMABLE_FIELDS. Fields new in config (added by
+  a later version of this code) are accepted."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    return
+  try:
+    with open(path) as f:
+      old = _flat(json.load(f))
+  except ValueError as e:
+    raise UsageError(f"unreadable {path}: {e}") from None
+  new = _flat(json.loads(config.to_json()))
+  for field in sorted(old):
+    if field not in new:
+      raise UsageError(f"the run in {workdir} has config field {field}, which this config "
+                       f"lacks (written by another version of diffenc_jax?)")
+    if old[field] != new[field] and not _may_change(field):
+      raise UsageError(f"the run in {workdir} was trained with {field}={old[field]!r}, not "
+                       f"{new[field]!r}; a resumed or evaluated run may change only "
+                       f"{', '.join(RESUMABLE_FIELDS)} (or use another workdir)")
+
+
+def _warn(message: str) -> None:
+  if jax.process_index() == 0:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 class Trainer:
   """Holds the mesh, the jitted round and evaluation functions, and the checkpoint manager."""
 
-  def __init__(self, config, workdir: str):
+  def __init__(self, config, workdir: str, info: data.DatasetInfo | None = None):
     self.config = config
     self.workdir = os.path.abspath(workdir)
-    self.info = data.get_info(config.data)
+    self.info = info or data.get_info(config.data)
     self.method = methods.get_method(config, self.info.shape)
     # Auto axes: XLA propagates the batch sharding through the step (no sharding-in-types)
     self.mesh = jax.make_mesh((jax.device_count(),), ("data",),
@@ -157,30 +271,86 @@ class Trainer:
     init = jax.jit(self.method.init_state, out_shardings=self.replicated)
     return init(jax.random.key(self.config.seed))
 
-  def restore_or_init(self, require: bool = False, step: int | None = None) -> em.TrainState:
-    """The newest checkpoint (or checkpoint `step`) restored against the abstract state (shapes,
-    dtypes and tree structure must match exactly: never a silent partial restore), else a
-    fresh state."""
-    if step is None:
-      step = self.checkpoints.latest_step()
-    elif step not in self.checkpoints.all_steps():
+  def restore_or_init(self, require: bool = False, step: int | None = None,
+                      set_aside: bool = False) -> em.TrainState:
+    """The newest readable checkpoint (or checkpoint `step`) restored against the abstract state
+    (shapes, dtypes and tree structure must match exactly: never a silent partial restore) and
+    checked against the digest saved with it, else a fresh state.
+
+    A newer checkpoint that does not restore or fails its digest is passed over with one
+    warning line naming it; with set_aside (training) it is moved to workdir/damaged_checkpoints/
+    (never deleted) so that training can save that step again."""
+    steps = sorted(self.checkpoints.all_steps(), reverse=True)
+    if step is not None and step not in steps:
       raise UsageError(f"no checkpoint {step} in {self.workdir}/checkpoints; it holds steps "
-                       f"{sorted(self.checkpoints.all_steps())}")
-    if step is None:
+                       f"{sorted(steps)}")
+    if not steps:
       if require:
         raise UsageError(f"no checkpoint in {self.workdir}/checkpoints to {self.config.train.mode}")
       return self.fresh_state()
     abstract = jax.eval_shape(self.method.init_state, jax.random.key(0))
     abstract = jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self.replicated), abstract)
-    try:
-      return self.checkpoints.restore(step, args=ocp.args.StandardRestore(abstract))
-    except Exception as e:  # orbax raises several types; say which checkpoint and why
-      raise UsageError(f"cannot restore checkpoint {step} in {self.workdir}: "
-                       f"{str(e).splitlines()[0]}") from e
+    bad = []
+    for s in [step] if step is not None else steps:
+      try:
+        state, verified = checkpointing.restore_checked(self.checkpoints, s, abstract)
+      except checkpointing.Unreadable as e:
+        bad.append((s, str(e)))
+        continue
+      except checkpointing.Mismatch as e:
+        raise UsageError(f"cannot restore checkpoint {s} in {self.workdir}: it does not match "
+                         f"the config: {e}") from None
+      for b, why in bad:
+        self._pass_over(b, why, s, set_aside)
+      if not verified:
+        _warn(f"checkpoint {s} in {self.workdir}/checkpoints has no checksum (saved by an "
+              f"older version?): restored unverified")
+      return state
+    (s, why), more = bad[0], len(bad) - 1
+    raise UsageError(f"cannot restore checkpoint {s} in {self.workdir}: {why}"
+                     + (f" (nor any of the {more} older ones)" if more else ""))
+
+  def _pass_over(self, step: int, why: str, restored: int, set_aside: bool) -> None:
+    where = f"{self.workdir}/checkpoints/{step}"
+    if not set_aside:
+      _warn(f"checkpoint {step} is unreadable ({why}): {where} left as it is, "
+            f"using checkpoint {restored}")
+      return
+    target = os.path.join(self.workdir, "damaged_checkpoints", str(step))
+    suffix = 0
+    while os.path.exists(target + (f".{suffix}" if suffix else "")):
+      suffix += 1
+    target += f".{suffix}" if suffix else ""
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      shutil.move(where, target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"set aside checkpoint {step}")
+    self.checkpoints.reload()
+    _warn(f"checkpoint {step} is unreadable ({why}): moved {where} to {target}, resuming "
+          f"from checkpoint {restored}")
 
   def save(self, state: em.TrainState) -> None:
-    self.checkpoints.save(int(state.step), args=ocp.args.StandardSave(state))
+    checkpointing.save(self.checkpoints, state)
+
+  def wait_for_saves(self) -> tuple[int | None, str]:
+    """(the newest checkpoint on disk, '' or why a pending save failed) once every pending
+    asynchronous save has finished."""
+    failure = ""
+    try:
+      self.checkpoints.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      failure = f" (a pending save failed: {checkpointing.first_line(e)})"
+    self.checkpoints.reload()
+    return self.checkpoints.latest_step(), failure
+
+  def for_evaluation(self, state: em.TrainState) -> em.TrainState:
+    """The state to evaluate: with several processes each one's local copy of the replicated
+    state, so that evaluation (and process 0's images) runs locally, without collectives."""
+    if jax.process_count() == 1:
+      return state
+    return jax.tree.map(lambda a: a.addressable_data(0), state)
 
   # --- data -----------------------------------------------------------------------------
   def global_batch(self, batches: data.TrainBatches, round_index: int) -> jax.Array:
@@ -190,12 +360,15 @@ class Trainer:
     return jax.make_array_from_process_local_data(self.round_sharding, local)
 
   # --- training -------------------------------------------------------------------------
-  def train(self) -> dict:
+  def train(self, state: em.TrainState | None = None) -> dict:
+    """Trains from `state` (default: `restore_or_init`) to train.num_steps rounds. On any error,
+    divergence or KeyboardInterrupt, pending checkpoint saves finish first and the error names
+    the newest checkpoint that is on disk."""
     from tqdm import tqdm
     from tensorboardX import SummaryWriter
 
     cfg = self.config
-    state = self.restore_or_init()
+    state = self.restore_or_init(set_aside=True) if state is None else state
     start = int(state.step)
     batches = data.TrainBatches(cfg.data, batch_size=cfg.train.batch_size, seed=cfg.seed,
                                 process_index=jax.process_index(),
@@ -207,32 +380,47 @@ class Trainer:
     metrics_path = os.path.join(self.workdir, "metrics.jsonl")
     bar = tqdm(range(start, cfg.train.num_steps), initial=start, total=cfg.train.num_steps,
                disable=not is_main, dynamic_ncols=True)
-    t_last, s_last, eval_metrics = time.time(), start, {}
-    for step in bar:
-      state, metrics = self.round(state, self.global_batch(batches, step),
-                                  jax.random.fold_in(base_key, step))
-      done = step + 1
-      if done % cfg.train.log_every == 0 or done == cfg.train.num_steps:
-        metrics = self._finite(metrics, done)
-        now = time.time()
-        metrics["steps_per_s"] = (done - s_last) / (now - t_last)
-        t_last, s_last = now, done
-        bar.set_postfix({**{k: f"{metrics[k]:.3g}" for k in self.method.progress_keys},
-                         "sps": f"{metrics['steps_per_s']:.2f}"})
-        self._log(writer, metrics_path, done, {"train/" + k: v for k, v in metrics.items()})
-      if done % cfg.train.eval_every == 0 or done == cfg.train.num_steps:
-        eval_metrics = test.evaluate(state)
-        self._log(writer, metrics_path, done, {"eval/" + k: v for k, v in eval_metrics.items()})
-        bar.write(f"step {done}: " + ", ".join(f"{k} {v:.3f}" for k, v in eval_metrics.items()))
-        if is_main:
-          visualize.save_reconstructions(test, state, os.path.join(self.workdir,
-                                                                   f"recon_{done:06d}.png"))
-      if done % cfg.train.checkpoint_every == 0 or done == cfg.train.num_steps:
-        self._finite(metrics, done)
-        self.save(state)
-    self.checkpoints.wait_until_finished()
-    if writer:
-      writer.close()
+    t_last, s_last, eval_metrics, done = time.time(), start, {}, start
+    try:
+      for step in bar:
+        state, metrics = self.round(state, self.global_batch(batches, step),
+                                    jax.random.fold_in(base_key, step))
+        done = step + 1
+        if done % cfg.train.log_every == 0 or done == cfg.train.num_steps:
+          metrics = self._finite(metrics, done)
+          now = time.time()
+          metrics["steps_per_s"] = (done - s_last) / (now - t_last)
+          t_last, s_last = now, done
+          bar.set_postfix({**{k: f"{metrics[k]:.3g}" for k in self.method.progress_keys},
+                           "sps": f"{metrics['steps_per_s']:.2f}"})
+          self._log(writer, metrics_path, done, {"train/" + k: v for k, v in metrics.items()})
+        if done % cfg.train.eval_every == 0 or done == cfg.train.num_steps:
+          local = self.for_evaluation(state)
+          eval_metrics = test.evaluate(local)
+          self._log(writer, metrics_path, done, {"eval/" + k: v for k, v in eval_metrics.items()})
+          bar.write(f"step {done}: " + ", ".join(f"{k} {v:.3f}" for k, v in eval_metrics.items()))
+          if is_main:
+            visualize.save_reconstructions(test, local, os.path.join(self.workdir,
+                                                                     f"recon_{done:06d}.png"))
+        if done % cfg.train.checkpoint_every == 0 or done == cfg.train.num_steps:
+          self._finite(metrics, done)
+          self.save(state)
+      self.checkpoints.wait_until_finished()
+    except BaseException as e:
+      bar.close()
+      newest, failure = self.wait_for_saves()
+      kept = (f"the newest checkpoint on disk is {newest} ({self.workdir}/checkpoints/{newest})"
+              if newest is not None else f"no checkpoint is on disk in {self.workdir}")
+      kept += failure
+      if isinstance(e, FloatingPointError):
+        raise FloatingPointError(f"{e}; {kept}") from None
+      if isinstance(e, KeyboardInterrupt):
+        raise KeyboardInterrupt(f"interrupted after {done} rounds; {kept}") from None
+      e.add_note(f"diffenc_jax: training stopped after {done} rounds; {kept}")
+      raise
+    finally:
+      if writer:
+        writer.close()
     return eval_metrics
 
   def _finite(self, metrics, done: int) -> dict[str, float]:
@@ -240,9 +428,7 @@ class Trainer:
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
     bad = sorted(k for k, v in metrics.items() if not np.isfinite(v))
     if bad:
-      raise FloatingPointError(
-          f"training diverged by round {done}: {', '.join(bad)} not finite; the newest "
-          f"checkpoint ({self.checkpoints.latest_step()}) is kept")
+      raise FloatingPointError(f"training diverged by round {done}: {', '.join(bad)} not finite")
     return metrics
 
   def _log(self, writer, path, step, metrics):
@@ -256,18 +442,51 @@ class Trainer:
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
-  """Runs config.train.mode in workdir; returns the held-out metrics where the mode has them."""
-  validate_config(config)
+  """Runs config.train.mode in workdir; returns the held-out metrics where the mode has them.
+
+  Everything the config, the data and an existing run in workdir can be checked for is checked
+  before anything is written or compiled (UsageError, one line). Training holds workdir's lock
+  (one run per workdir) and writes config.json only once the checkpoint to resume from (if any)
+  has been restored."""
   maybe_initialize_distributed()
-  os.makedirs(workdir, exist_ok=True)
-  trainer = Trainer(config, workdir)
+  validate_config(config)
+  try:
+    info = data.get_info(config.data)
+  except ValueError as e:
+    raise UsageError(checkpointing.first_line(e)) from None
+  validate_data(config, info)
+  workdir = os.path.abspath(workdir)
   mode = config.train.mode
+  if mode != "train" and not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    raise UsageError(f"no trained run in {workdir} to {mode}: "
+                     + ("no checkpoints/ folder" if os.path.isdir(workdir) else "no such directory"))
+  check_resume(config, workdir)
   if mode == "train":
-    if jax.process_index() == 0:  # what `diffenc_jax.api` rebuilds the model from
-      with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json(indent=1))
-    return trainer.train()
-  state = trainer.restore_or_init(require=True)
+    os.makedirs(workdir, exist_ok=True)
+    lock = checkpointing.WorkdirLock(workdir)
+    error = ""
+    if jax.process_index() == 0:
+      try:
+        lock.acquire()
+      except checkpointing.WorkdirInUse as e:
+        error = str(e)
+    if jax.process_count() > 1 and multihost_utils.broadcast_one_to_all(np.int32(bool(error))):
+      error = error or "process 0 could not take the lock of the workdir"
+    if error:
+      raise UsageError(error)
+    try:
+      trainer = Trainer(config, workdir, info)
+      state = trainer.restore_or_init(set_aside=True)
+      if jax.process_index() == 0:  # what `diffenc_jax.api` rebuilds the model from
+        path = os.path.join(workdir, "config.json")
+        with open(path + ".tmp", "w") as f:
+          f.write(config.to_json(indent=1))
+        os.replace(path + ".tmp", path)
+      return trainer.train(state)
+    finally:
+      lock.release()
+  trainer = Trainer(config, workdir, info)
+  state = trainer.for_evaluation(trainer.restore_or_init(require=True))
   test = evaluate.HeldOut.load(config, trainer.method)
   if mode == "eval":
     metrics = test.evaluate(state)

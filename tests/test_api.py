@@ -128,6 +128,27 @@ def test_bad_inputs_are_clear_errors(model, images, tmp_path):
   assert os.path.getsize(path) > 0
 
 
+def test_what_cannot_be_encoded_is_refused(model, images):
+  """NaN pixels used to give NaN latents and NaN 'reconstructions' (documented as in [-1, 1]);
+  an empty batch a ZeroDivisionError. Both are one-line ValueErrors now, for latents too."""
+  bad = np.array(images)
+  bad[1, 3, 4, 0] = np.nan
+  bad[2, 0, 0, 0] = np.inf
+  for call in (model.encode, model.reconstruct, lambda x: model.encode(x, refine_steps=2)):
+    with pytest.raises(ValueError, match="x holds 2 NaN or infinite values"):
+      call(bad)
+    with pytest.raises(ValueError, match="x is an empty batch"):
+      call(images[:0])
+  with pytest.raises(ValueError, match="x_a holds 1 NaN"):
+    model.interpolate(bad[1], images[0])
+  z = np.array(model.encode(images))
+  with pytest.raises(ValueError, match="z is an empty batch"):
+    model.decode(z[:0])
+  z[0, 0] = np.nan
+  with pytest.raises(ValueError, match="z holds 1 NaN"):
+    model.decode(z)
+
+
 def test_load_without_a_model_is_one_clear_error(tmp_path, workdir):
   for bad in (tmp_path, tmp_path / "missing"):
     with pytest.raises(train.UsageError) as err:

@@ -157,7 +157,7 @@ def test_joint_gradient_flows_through_the_ddim_chain(tmp_path):
 
     def m_step_loss(enc):  # the M-step's decoder loss on the E-step's latents
       lat = em_method.latents({**params, "encoder": enc}, x, key)
-      return em_method.decoder_loss(params["decoder"], x, lat["zK"], key).mean()
+      return em_method.decoder.loss(params["decoder"], x, lat["zK"], key).mean()
 
     return jax.grad(chain_loss)(params["encoder"]), jax.grad(m_step_loss)(params["encoder"])
 

@@ -231,3 +231,52 @@ def test_random_shift_translates_each_image_with_edge_padding():
   assert len(used) > 10  # 64 draws over 25 shifts: the offsets really vary
   assert (s, s) in candidates and np.array_equal(candidates[(s, s)], images.reshape(n, h, w, 3))
   assert data.random_shift(jax.random.key(0), images, 0) is images
+
+
+def _idx_dir(path: pathlib.Path, damage: str) -> pathlib.Path:
+  """A valid IDX folder (train 6, test 3 images of 28x28) with one kind of damage."""
+  rng = np.random.RandomState(0)
+  path.mkdir()
+  for split, n in (("train", 6), ("t10k", 3)):
+    size = 20 if damage == "test_20x20" and split == "t10k" else 28
+    n = 0 if damage == "no_images" else n
+    images = rng.randint(0, 256, size=(n, size, size)).astype(np.uint8)
+    labels = rng.randint(0, 10, size=n + (damage == "label_count" and split == "train"))
+    type_byte = 0x08
+    if damage == "int32_pixels":
+      images, type_byte = images.astype(np.int32), 0x0C
+    _write_idx(path / f"{split}-images-idx3-ubyte.gz", images, type_byte)
+    _write_idx(path / f"{split}-labels-idx1-ubyte", labels.astype(np.uint8))
+  images_gz = path / "train-images-idx3-ubyte.gz"
+  if damage == "truncated":
+    images_gz.write_bytes(images_gz.read_bytes()[:-40])
+  if damage == "magic":
+    raw = bytearray(gzip.decompress(images_gz.read_bytes()))
+    raw[2] = 0x42
+    images_gz.write_bytes(gzip.compress(bytes(raw)))
+  return path
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("truncated", "train-images-idx3-ubyte.gz: unreadable (EOFError"),
+    ("magic", "not an IDX file (magic bytes 00004203)"),
+    ("label_count", "labels (7,) do not match 6 images"),
+    ("no_images", "holds no images"),
+    ("int32_pixels", "expected uint8 images"),
+    ("test_20x20", "the test split's examples have shape (20, 20, 1), the train split's "
+                   "(28, 28, 1)"),
+])
+def test_bad_idx_files_stop_in_one_line_before_the_workdir(tmp_path, damage, message):
+  """Each used to be a 23-37-line traceback after the workdir was created (20x20 test images
+  even trained 4 rounds, then crashed in flax)."""
+  from configs import tiny
+  from diffenc_jax import train
+  config = tiny.get_config()
+  config.data.name, config.data.num_test = "idx", 0
+  config.data.data_dir = str(_idx_dir(tmp_path / "idx", damage))
+  config.train.batch_size = 4
+  workdir = tmp_path / "run"
+  with pytest.raises(train.UsageError) as error:
+    train.train_and_evaluate(config, str(workdir))
+  assert message in str(error.value) and "\n" not in str(error.value)
+  assert not workdir.exists()

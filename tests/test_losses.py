@@ -24,24 +24,87 @@ def gaussian_eps(mean, std, schedule):
   return eps_fn
 
 
+def as_prediction(eps_fn, parameterization, schedule):
+  """The raw output of a network of `parameterization` whose implied ε̂ is eps_fn's, converted
+  back to ε̂ by `losses.eps_from_prediction` (what the decoders do)."""
+
+  def out_fn(x_t, t):
+    eps = eps_fn(x_t, t)
+    alpha, sigma = schedule.alpha_sigma(t)
+    alpha = alpha.reshape((-1,) + (1,) * (x_t.ndim - 1))
+    sigma = sigma.reshape(alpha.shape)
+    out = {"eps": eps, "x0": (x_t - sigma * eps) / alpha,
+           "v": alpha * eps - sigma * (x_t - sigma * eps) / alpha}[parameterization]
+    return losses.eps_from_prediction(out, x_t, t, schedule, parameterization)
+
+  return out_fn
+
+
+def closed_form_weight(weighting, t_val, gamma):
+  """w(t) of each weighting, written out from its definition (SNR = α²/σ²)."""
+  alpha, sigma = SCHED.alpha_sigma(t_val)
+  snr = alpha**2 / sigma**2
+  return {"unit": 1.0, "vlb": -0.5 * SCHED.dlog_snr_dt(t_val), "x0": 1 / snr,
+          "v": 1 + 1 / snr, "p2": 1 / (1 + snr) ** gamma,
+          "min_snr": min(snr, gamma) / snr}[weighting]
+
+
 @pytest.mark.parametrize("shape", [(4,), (3, 3, 2)])
-@pytest.mark.parametrize("weighting", ["unit", "vlb", "x0"])
-def test_denoising_loss_at_optimum_is_mmse(shape, weighting):
+@pytest.mark.parametrize("weighting,gamma", [("unit", 1.0), ("vlb", 1.0), ("x0", 1.0),
+                                             ("v", 1.0), ("p2", 0.5), ("min_snr", 5.0)])
+@pytest.mark.parametrize("parameterization", ["eps", "v", "x0"])
+def test_denoising_loss_at_optimum_is_mmse(shape, weighting, gamma, parameterization):
+  """At the analytic optimum for Gaussian data, every weighting of every parameterisation's
+  loss equals w(t) · d · Var(ε | x_t): fails for a wrong weight or a wrong conversion."""
   n, mean, std = 40_000, 0.3, 0.7
   x0 = mean + std * jax.random.normal(jax.random.key(0), (n,) + shape)
   d = math.prod(shape)
-  eps_fn = gaussian_eps(mean, std, SCHED)
+  eps_fn = as_prediction(gaussian_eps(mean, std, SCHED), parameterization, SCHED)
   for t_val in (0.1, 0.5, 0.9):
     t = jnp.full((n,), t_val)
-    loss = losses.denoising_loss(eps_fn, x0, jax.random.key(1), SCHED, weighting=weighting, t=t)
+    loss = losses.denoising_loss(eps_fn, x0, jax.random.key(1), SCHED, weighting=weighting,
+                                 gamma=gamma, t=t)
     assert loss.shape == (n,)
     alpha, sigma = SCHED.alpha_sigma(t_val)
     per_dim = alpha**2 * std**2 / (alpha**2 * std**2 + sigma**2)  # analytic MMSE of ε
-    weight = {"unit": 1.0, "vlb": -0.5 * SCHED.dlog_snr_dt(t_val),
-              "x0": sigma**2 / alpha**2}[weighting]
+    weight = closed_form_weight(weighting, t_val, gamma)
+    np.testing.assert_allclose(losses.loss_weight(weighting, SCHED, jnp.float32(t_val), gamma),
+                               weight, rtol=1e-4)
     expected = weight * d * per_dim
     stderr = weight * math.sqrt(2 * d) * per_dim / math.sqrt(n)  # sum of d scaled χ²_1
     assert abs(float(loss.mean()) - float(expected)) < 4 * float(stderr)
+
+
+def test_v_weighting_of_a_v_network_is_its_v_mse():
+  """'v' weighting on ε̂ = σ x_t + α v̂ is exactly ‖v − v̂‖², v = α ε − σ x_0."""
+  n, d = 64, 6
+  x0 = jax.random.normal(jax.random.key(0), (n, d))
+  v_hat = lambda x_t, t: 0.3 * x_t + jnp.sin(t)[:, None]  # any network
+  eps_fn = lambda x_t, t: losses.eps_from_prediction(v_hat(x_t, t), x_t, t, SCHED, "v")
+  t = jax.random.uniform(jax.random.key(2), (n,))
+  loss = losses.denoising_loss(eps_fn, x0, jax.random.key(1), SCHED, weighting="v", t=t)
+  eps = jax.random.normal(jax.random.split(jax.random.key(1), 3)[1], x0.shape)  # its ε draw
+  alpha, sigma = (a[:, None] for a in SCHED.alpha_sigma(t))
+  x_t = alpha * x0 + sigma * eps
+  v_mse = jnp.sum(jnp.square(alpha * eps - sigma * x0 - v_hat(x_t, t)), -1)
+  np.testing.assert_allclose(loss, v_mse, rtol=2e-4)
+
+
+def test_input_perturbation_of_a_v_network_targets_the_clean_v():
+  """DDPM-IP on a v network: it sees the perturbed x_t, the loss is ‖v − v̂‖² with v the clean
+  sample's (the output converted at the clean x_t), bounded where α → 0."""
+  n, d, gamma = 64, 6, 0.1
+  x0 = jax.random.normal(jax.random.key(0), (n, d))
+  v_hat = lambda x_t, t: 0.3 * x_t + jnp.sin(t)[:, None]
+  t = jax.random.uniform(jax.random.key(2), (n,))
+  loss = losses.denoising_loss(v_hat, x0, jax.random.key(1), SCHED, weighting="v", t=t,
+                               input_perturbation=gamma, parameterization="v")
+  _, k_eps, k_ip = jax.random.split(jax.random.key(1), 3)
+  eps, xi = jax.random.normal(k_eps, x0.shape), jax.random.normal(k_ip, x0.shape)
+  alpha, sigma = (a[:, None] for a in SCHED.alpha_sigma(t))
+  seen = alpha * x0 + sigma * (eps + gamma * xi)
+  np.testing.assert_allclose(loss, jnp.sum(jnp.square(alpha * eps - sigma * x0 - v_hat(seen, t)), -1),
+                             rtol=2e-4)
 
 
 def test_denoising_loss_input_perturbation_raises_loss():

@@ -1,5 +1,5 @@
 """The rate the held-out table reports, through the table's own code path (`evaluate.HeldOut`,
-`method.rate`, `method.rate_latent`), against closed-form KLs (DESIGN.md §6, docs/rate.md).
+`method.rate`, `method.rate_latent`), against closed-form KLs (docs/method.md §1.8, docs/rate.md).
 
 The encoder under test has a known Gaussian q(z|x) = N(μ(x), s² I) and the exact ε of that
 code's VP diffusion plugged into diffenc's latent-denoiser slot; everything else (features once,
@@ -136,7 +136,7 @@ def test_vae_rate_latent_samples_its_posterior_and_zk_is_its_refined_mean():
   def refine(params, x, key):
     lat = method.latents(params, x, key, 20)
     # U = NLL/β + ½‖z‖², the energy of diffenc's E-step chain
-    energy = lambda z: (method.diffenc.nll(params["decoder"], x, z, None) / 4.0
+    energy = lambda z: (method.decoder.nll(params["decoder"], x, z, None) / 4.0
                         + 0.5 * jnp.sum(z**2, -1))
     return lat, energy(lat["z0"]).mean(), energy(lat["zK"]).mean()
 

@@ -3,6 +3,8 @@ every mode runs and writes what it says."""
 
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
 
@@ -40,6 +42,19 @@ def tiny_config(**overrides):
     ({"train.weight_decay": -0.1}, "weight_decay must be >= 0"),
     ({"train.lr_schedule": "step"}, "unknown train.lr_schedule 'step'"),
     ({"train.final_lr": 2.0}, "final_lr must be in [0, 1]"),
+    # each of these was accepted, or crashed after compiling or after writing config.json
+    ({"train.num_steps": 0}, "train.num_steps must be >= 1"),
+    ({"train.num_steps": -3}, "train.num_steps must be >= 1"),
+    ({"train.keep_checkpoints": 0}, "train.keep_checkpoints must be >= 1"),
+    ({"train.enc_lr": -1e-3}, "train.enc_lr must be > 0"),
+    ({"train.dec_lr": 0.0}, "train.dec_lr must be > 0"),
+    ({"train.ema_decay": 2.0}, "train.ema_decay must be in [0, 1]"),
+    ({"em.langevin.step_size": -0.5}, "em.langevin.step_size must be > 0"),
+    ({"train.eval_every": 0}, "train.eval_every must be >= 1"),
+    ({"train.log_every": 0}, "train.log_every must be >= 1"),
+    ({"train.checkpoint_every": 0}, "train.checkpoint_every must be >= 1"),
+    ({"encoder_sampler.num_steps": 0}, "encoder_sampler.num_steps must be >= 1"),
+    ({"seed": -1}, "seed must be an int >= 0"),
 ])
 def test_bad_config_fails_with_one_line(override, message):
   with pytest.raises(train.UsageError) as err:
@@ -54,6 +69,42 @@ def test_bad_config_touches_nothing(tmp_path):
   with pytest.raises(train.UsageError):
     train.train_and_evaluate(tiny_config(**{"model.latent_dim": -1}), str(workdir))
   assert not workdir.exists()
+
+
+@pytest.mark.parametrize("override,message", [
+    ({"train.batch_size": 100_000}, "train.batch_size=100000 exceeds the 4500 training examples"),
+    ({"data.augment_shift": 100}, "data.augment_shift=100 must be below half the image size"),
+    ({"train.mode": "eval"}, "no trained run in"),  # eval of a workdir that does not exist
+])
+def test_config_that_does_not_fit_the_data_or_run_touches_nothing(tmp_path, override, message):
+  """Checks that need the dataset (or the workdir) also come before anything is written."""
+  workdir = tmp_path / "run"
+  with pytest.raises(train.UsageError) as err:
+    train.train_and_evaluate(tiny_config(**override), str(workdir))
+  assert message in str(err.value) and "\n" not in str(err.value)
+  assert not workdir.exists()
+
+
+def _main(*args, cwd=ROOT):
+  return subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *args], cwd=cwd,
+                        capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+def test_main_unknown_field_and_missing_config_file_are_one_line(tmp_path):
+  """A typo in an override gets ml_collections' own suggestion, on one line; a missing config
+  file is one line too (both were 40-60-line tracebacks); nothing is created."""
+  workdir = str(tmp_path / "run")
+  typo = _main("--config", "configs/tiny.py", "--workdir", workdir, "--config.train.nmu_steps=5")
+  assert typo.returncode == 1
+  assert typo.stderr.strip().splitlines() == [
+      "error: no such config field: 'nmu_steps' Did you mean \"num_steps\" instead of "
+      "\"nmu_steps\"?"]
+  missing = _main("--config", "configs/nope.py", "--workdir", workdir)
+  assert missing.returncode == 1
+  lines = missing.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: cannot load the config file "
+                                                 "'configs/nope.py': No such file")
+  assert not os.path.exists(workdir)
 
 
 def final_state(config, workdir):
@@ -85,13 +136,40 @@ def test_resume_is_bitwise(tmp_path, straight_run):
                zip(jax.tree.leaves(init.params[net]), jax.tree.leaves(straight.params[net])))
 
 
-def test_unreadable_checkpoint_is_a_clear_error_and_is_kept(tmp_path):
+def _tree(path) -> dict:
+  """{relative path: bytes} of every file under path."""
+  out = {}
+  for root, _, files in os.walk(path):
+    for name in files:
+      full = os.path.join(root, name)
+      with open(full, "rb") as f:
+        out[os.path.relpath(full, path)] = f.read()
+  return out
+
+
+def test_rejected_resume_changes_nothing(tmp_path, straight_run):
+  """Resuming (or evaluating) a run with a changed model is refused in one line naming the field,
+  before anything is written: config.json still describes the checkpoints, which still load.
+  (It used to overwrite config.json first, so that the run could no longer be loaded.)"""
+  from diffenc_jax import api
   workdir = str(tmp_path / "run")
-  train.train_and_evaluate(tiny_config(**{"train.num_steps": 2}), workdir)
-  # a config whose shapes differ from the checkpoint's must not restore partially
-  with pytest.raises(train.UsageError, match="cannot restore checkpoint 2"):
-    train.train_and_evaluate(tiny_config(**{"model.latent_dim": 5}), workdir)
-  assert os.path.isdir(os.path.join(workdir, "checkpoints", "2"))
+  shutil.copytree(straight_run[0], workdir)
+  before = _tree(workdir)
+  for mode in ("train", "eval"):
+    with pytest.raises(train.UsageError) as err:
+      train.train_and_evaluate(tiny_config(**{"model.latent_dim": 8, "train.mode": mode}), workdir)
+    assert "model.latent_dim=4, not 8" in str(err.value) and "\n" not in str(err.value)
+  assert _tree(workdir) == before
+  assert api.Autoencoder.load(workdir).latent_dim == 4
+  # what may change on resume passes; a training field that may not is named
+  train.check_resume(tiny_config(**{"train.num_steps": 9, "train.log_every": 3,
+                                    "eval.batch_size": 16, "train.mode": "eval"}), workdir)
+  with pytest.raises(train.UsageError, match="train.enc_lr=0.001, not 0.002"):
+    train.check_resume(tiny_config(**{"train.enc_lr": 2e-3}), workdir)
+  # and a config whose shapes differ from the checkpoint's never restores partially
+  with pytest.raises(train.UsageError, match="cannot restore checkpoint 4 .* does not match"):
+    train.Trainer(tiny_config(**{"model.latent_dim": 5}), workdir).restore_or_init()
+  assert _tree(workdir) == before
 
 
 _DEVICE_SCRIPT = """
@@ -218,9 +296,9 @@ def test_decoder_dropout_only_in_the_training_loss():
   dropped = methods.get_method(tiny_config(**{"model.dec_dropout": 0.5}), (28, 28, 1))
   params = plain.init_state(jax.random.key(0)).params["decoder"]
   nll = plain.nll(params, x, z, None)
-  np.testing.assert_array_equal(plain.decoder_loss(params, x, z, jax.random.key(3)), nll)
-  np.testing.assert_array_equal(dropped.decoder_mean(params, z), plain.decoder_mean(params, z))
-  a, b = (dropped.decoder_loss(params, x, z, jax.random.key(k)) for k in (3, 4))
+  np.testing.assert_array_equal(plain.decoder.loss(params, x, z, jax.random.key(3)), nll)
+  np.testing.assert_array_equal(dropped.decoder.mean(params, z), plain.decoder.mean(params, z))
+  a, b = (dropped.decoder.loss(params, x, z, jax.random.key(k)) for k in (3, 4))
   assert not np.allclose(a, nll) and not np.allclose(a, b)
 
 
@@ -278,3 +356,174 @@ def test_latent_ddpm_prior_fits_a_gaussian():
   z = prior.sample(params, jax.random.key(2), 4000)
   np.testing.assert_allclose(z.mean(0), mu, atol=0.1)
   np.testing.assert_allclose(z.std(0), s, rtol=0.1)
+
+
+def _interrupted_run(workdir, monkeypatch, failing_round, error):
+  """A Trainer whose round `failing_round` (0-based) raises `error` (or returns NaN metrics for
+  error=None); returns (the exception train() raised, calls of wait_until_finished after it)."""
+  import orbax.checkpoint as ocp
+  trainer = train.Trainer(tiny_config(), workdir)
+  real_round, calls, waits = trainer.round, [0], []
+  failed = []
+
+  def round_fn(state, xs, key):
+    calls[0] += 1
+    if calls[0] - 1 == failing_round:
+      failed.append(True)
+      if error is not None:
+        raise error
+      state, metrics = real_round(state, xs, key)
+      return state, {**metrics, "gap": metrics["gap"] * np.nan}
+    return real_round(state, xs, key)
+
+  real_wait = ocp.CheckpointManager.wait_until_finished
+  monkeypatch.setattr(ocp.CheckpointManager, "wait_until_finished",
+                      lambda self: (waits.append(bool(failed)), real_wait(self))[1])
+  trainer.round = round_fn
+  with pytest.raises(BaseException) as err:
+    trainer.train()
+  return err.value, sum(waits)
+
+
+@pytest.mark.parametrize("error", [None, KeyboardInterrupt()], ids=["diverged", "interrupted"])
+def test_stopped_run_waits_for_its_checkpoint_and_names_it(tmp_path, monkeypatch, error):
+  """Divergence or Ctrl-C after the asynchronous save of round 2 began: the save is finished
+  (it used to be abandoned as 2.orbax-checkpoint-tmp) and the error names what is on disk; a
+  run stopped before any save says that none is (it used to say '(None) is kept')."""
+  workdir = str(tmp_path / "run")
+  stopped, waits = _interrupted_run(workdir, monkeypatch, 3, error)
+  assert isinstance(stopped, FloatingPointError if error is None else KeyboardInterrupt)
+  assert waits >= 1  # pending saves were awaited after the failure
+  assert os.listdir(os.path.join(workdir, "checkpoints")) == ["2"]
+  assert f"the newest checkpoint on disk is 2 ({workdir}/checkpoints/2)" in str(stopped)
+  assert "\n" not in str(stopped)
+  stopped, _ = _interrupted_run(str(tmp_path / "early"), monkeypatch, 1, error)
+  assert "no checkpoint is on disk" in str(stopped)
+
+
+def _damage(step_dir, how):
+  """Truncates, or flips one byte in the middle of, the largest data file of a checkpoint."""
+  files = [os.path.join(r, f) for r, _, fs in os.walk(step_dir) for f in fs]
+  path = max(files, key=os.path.getsize)
+  with open(path, "r+b") as f:
+    raw = bytearray(f.read())
+    if how == "truncate":
+      f.truncate(len(raw) // 2)
+    else:
+      raw[len(raw) // 2] ^= 0xFF
+      f.seek(0)
+      f.write(raw)
+
+
+def test_damaged_newest_checkpoint_falls_back_to_an_older_one(tmp_path, straight_run, capsys):
+  """A flipped byte inside checkpoint 4 (orbax restores it without complaint: one Adam moment
+  differed) fails its sha256; evaluation and `Autoencoder.load` use checkpoint 2 with one
+  warning naming 4, and leave 4 where it is. A truncated checkpoint 4 (orbax errors) is moved
+  aside by training, which resumes from 2 and ends bitwise equal to the uninterrupted run."""
+  from diffenc_jax import api, checkpointing
+  source, straight, _ = straight_run
+  flipped, truncated = str(tmp_path / "flipped"), str(tmp_path / "truncated")
+  for workdir, how in ((flipped, "flip"), (truncated, "truncate")):
+    shutil.copytree(source, workdir)
+    _damage(os.path.join(workdir, "checkpoints", "4"), how)
+  capsys.readouterr()
+  restored = train.Trainer(tiny_config(), flipped).restore_or_init(require=True)
+  assert int(restored.step) == 2
+  assert api.Autoencoder.load(flipped).step == 2
+  warnings = [l for l in capsys.readouterr().err.splitlines() if l.startswith("warning:")]
+  assert len(warnings) == 2 and all(
+      "checkpoint 4 is unreadable (its data does not match the checksum saved with it)" in w
+      and "using checkpoint 2" in w for w in warnings)
+  assert os.path.isdir(os.path.join(flipped, "checkpoints", "4"))
+  # the checksum is the one of the state that was saved
+  intact = train.Trainer(tiny_config(), source)
+  meta = intact.checkpoints.metadata(4).custom_metadata
+  assert meta[checkpointing.DIGEST_KEY] == checkpointing.state_digest(straight)
+
+  resumed, _ = final_state(tiny_config(), truncated)
+  err = capsys.readouterr().err
+  assert f"moved {truncated}/checkpoints/4 to {truncated}/damaged_checkpoints/4" in err
+  assert os.listdir(os.path.join(truncated, "damaged_checkpoints", "4"))
+  assert int(resumed.step) == 4
+  for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_second_run_in_a_workdir_is_refused(tmp_path, straight_run):
+  """A lock file with the owner's pid and host: a live owner (here a sleeping process) or one
+  on another host refuses a second run in one line, before anything is written; a dead owner
+  on this host (a killed run) is a stale lock and is taken over; a finished run leaves none."""
+  from diffenc_jax import checkpointing
+  assert not os.path.exists(os.path.join(straight_run[0], checkpointing.LOCK_NAME))
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  lock = workdir / checkpointing.LOCK_NAME
+  host = socket.gethostname()
+  sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+  try:
+    for pid, owner_host in ((sleeper.pid, host), (1, "another-host")):
+      lock.write_text(json.dumps({"pid": pid, "host": owner_host}))
+      with pytest.raises(train.UsageError) as err:
+        train.train_and_evaluate(tiny_config(), str(workdir))
+      assert f"in use by process {pid} on host {owner_host}" in str(err.value)
+      assert "\n" not in str(err.value)
+      assert sorted(os.listdir(workdir)) == [checkpointing.LOCK_NAME]
+  finally:
+    sleeper.kill()
+    sleeper.wait()
+  lock.write_text(json.dumps({"pid": sleeper.pid, "host": host}))  # now dead: stale
+  with checkpointing.WorkdirLock(str(workdir)) as taken:
+    assert json.loads(lock.read_text()) == taken.owner == {"pid": os.getpid(), "host": host}
+    with pytest.raises(checkpointing.WorkdirInUse):  # held, even against this very process
+      checkpointing.WorkdirLock(str(workdir)).acquire()
+  assert not lock.exists()
+
+
+_PROCESS_SCRIPT = """
+import sys, jax, numpy as np
+sys.path.insert(0, {root!r})
+from configs import tiny
+from diffenc_jax import train
+config = tiny.get_config()
+config.train.num_steps = 2
+train.train_and_evaluate(config, {workdir!r})
+assert (jax.process_count(), jax.device_count(), jax.local_device_count()) == (2, 2, 1)
+state = train.Trainer(config, {workdir!r}).restore_or_init(require=True)
+local = [np.asarray(a.addressable_data(0)) for a in jax.tree.leaves(state.params)]
+np.savez({out!r} + str(jax.process_index()), *local)
+"""
+
+
+def test_two_processes_match_one(tmp_path):
+  """Two processes on localhost (jax.distributed over JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
+  JAX_PROCESS_ID; CPU collectives: gloo, jax's default), one CPU device each, each reading its
+  half of every batch: 2 rounds, a checkpoint and an evaluation. The checkpointed params equal a
+  1-process run's; only process 0 writes config.json and metrics.jsonl."""
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  workdir, out = str(tmp_path / "run"), str(tmp_path / "params")
+  script = _PROCESS_SCRIPT.format(root=ROOT, workdir=workdir, out=out)
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "",
+         "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2"}
+  procs = [subprocess.Popen([sys.executable, "-c", script], env={**env, "JAX_PROCESS_ID": str(i)},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  try:
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  for p, log in zip(procs, logs):
+    assert p.returncode == 0, log[-3000:]
+  one, _ = final_state(tiny_config(**{"train.num_steps": 2}), str(tmp_path / "one"))
+  for i in range(2):
+    loaded = np.load(f"{out}{i}.npz")
+    two = [loaded[k] for k in sorted(loaded.files, key=lambda s: int(s[4:]))]
+    for a, b in zip(jax.tree.leaves(one.params), two, strict=True):
+      np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)
+  lines = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert [l["step"] for l in lines] == [2, 2]  # one train/ and one eval/ line, written once
+  assert sum("train/gap" in l for l in lines) == sum("eval/psnr_z0" in l for l in lines) == 1
+  assert os.listdir(os.path.join(workdir, "checkpoints")) == ["2"]
+  assert json.load(open(os.path.join(workdir, "config.json")))["train"]["num_steps"] == 2

@@ -40,10 +40,13 @@ DEFAULT_LABELS = {"z0": "z⁰", "zK": "z^K", "zq": "z_q = α₀z⁰ + σ₀ε (r
 def point_config(cfg, method: str, seed: int, beta: float):
   """The training config of one point: compare's matched recipe at β (config.method = method,
   so that one config module can serve both methods), gaussian decoder, and the sweep's β
-  schedule (anneal: from min(beta_start, β) over beta_anneal_steps rounds)."""
+  schedule (anneal: from min(beta_start, β) over beta_anneal_steps rounds); no feature
+  classifier (eval.classifier_steps = 0)."""
   config = compare.method_config(cfg, method, seed, beta)
   config.method = method
   config.model.decoder = "gaussian"
+  # the sweep reports no classifier metrics: none is trained for its evaluations either
+  config.eval.classifier_steps = 0
   if cfg.beta_schedule == "anneal":
     config.em.beta_schedule = "anneal"
     config.em.beta_start = min(cfg.beta_start, beta)

@@ -1,6 +1,9 @@
-"""Flax Linen networks: the latent denoiser (diffusion encoder), decoders, baseline encoders."""
+"""Flax Linen networks: the latent denoiser (diffusion encoder), decoder networks (gaussian mean,
+U-Net and transformer denoisers), baseline encoders. The decoders as likelihoods with their
+losses and samplers are `diffenc_jax.decoders`."""
 
 from diffenc_jax.models.decoders import CONDITIONINGS, GaussianDecoder, UNetDecoder
+from diffenc_jax.models.dit import DiTDenoiser
 from diffenc_jax.models.encoders import (BernoulliEncoder, DeterministicEncoder, GaussianEncoder,
                                          ResNetEncoder, hard_bernoulli, relaxed_bernoulli)
 from diffenc_jax.models.latent_denoiser import LatentDenoiser, LatentPrior
@@ -9,6 +12,7 @@ __all__ = [
     "CONDITIONINGS",
     "BernoulliEncoder",
     "DeterministicEncoder",
+    "DiTDenoiser",
     "GaussianDecoder",
     "GaussianEncoder",
     "LatentDenoiser",

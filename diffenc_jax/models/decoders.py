@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from diffenc_jax.models.layers import (AttentionBlock, Conv, Downsample, ResBlock, ResidualMLP,
                                        TimeEmbedding, Upsample, group_norm, zeros_init)
 
-CONDITIONINGS = ("adagn", "film", "xattn")
+CONDITIONINGS = ("scale", "adagn", "film", "xattn")
 
 
 def _halvings(size: int, n: int) -> list[int]:
@@ -73,7 +73,9 @@ class UNetDecoder(nn.Module):
   up path with skip connections and nearest-resize upsampling to the skip's exact size.
   The time embedding (B, emb_dim) modulates every ResBlock by AdaGN, GN(h)·(1+s)+b.
   z enters according to `conditioning`:
-    'adagn': Dense(z) is added to the time embedding (DiffAE's description);
+    'scale': each ResBlock's time-modulated, group-normed features are scaled by
+             (1 + Dense(z)): (GN(h)·(1+s_t)+b_t)·(1+s_z), as in DiffAE's code;
+    'adagn': Dense(z) is added to the time embedding (an additive variant);
     'film':  an MLP embedding of z modulates each ResBlock again, separately from t:
              (GN(h)·(1+s_t)+b_t)·(1+s_z)+b_z;
     'xattn': z is projected to one token (B, 1, emb_dim), and every ResBlock is followed by
@@ -112,8 +114,10 @@ class UNetDecoder(nn.Module):
       num_blocks = max(2 * self.num_res_blocks, 1)
       return ResidualMLP(self.emb_dim, num_blocks, self.image_shape[0])(x_t, cond)
 
-    cond = token = None
-    if self.conditioning == "adagn":
+    cond = token = scale = None
+    if self.conditioning == "scale":
+      scale = z
+    elif self.conditioning == "adagn":
       emb = emb + nn.Dense(self.emb_dim, name="z_proj")(z)
     elif self.conditioning == "film":
       cond = nn.Dense(self.emb_dim)(nn.silu(nn.Dense(self.emb_dim, name="z_proj")(z)))
@@ -121,7 +125,7 @@ class UNetDecoder(nn.Module):
       token = nn.Dense(self.emb_dim, name="z_proj")(z)[:, None, :]
 
     def block(h, c, self_attn):
-      h = ResBlock(c, self.dropout)(h, emb, cond, train)
+      h = ResBlock(c, self.dropout)(h, emb, cond, train, scale)
       if self_attn:
         h = AttentionBlock(self.num_heads)(h)
       if token is not None:

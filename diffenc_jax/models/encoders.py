@@ -82,15 +82,17 @@ class ResNetEncoder(nn.Module):
     return nn.Dense(self.latent_dim)(h)
 
 
-def relaxed_bernoulli(key: jax.Array, logits: jax.Array, temperature: float) -> jax.Array:
+def relaxed_bernoulli(key: jax.Array, logits: jax.Array, temperature: float,
+                      noise_scale: float = 1.0) -> jax.Array:
   """Binary-concrete (Gumbel-sigmoid) sample: soft bits in (0, 1), differentiable in logits.
 
-  b = sigmoid((logits + L) / temperature) with L ~ Logistic(0, 1), i.e. L = log u − log(1−u)
-  for u ~ U(0, 1). As temperature → 0, b → 1[logits + L > 0], a Bernoulli(sigmoid(logits))
-  draw; the shape is that of `logits`.
+  b = sigmoid((logits + s L) / temperature) with L ~ Logistic(0, 1), i.e. L = log u − log(1−u)
+  for u ~ U(0, 1), and s = noise_scale (1: the binary concrete law; 0: no noise). With s = 1,
+  as temperature → 0, b → 1[logits + L > 0], a Bernoulli(sigmoid(logits)) draw; the shape is
+  that of `logits`.
   """
   noise = jax.random.logistic(key, logits.shape, dtype=logits.dtype)
-  return jax.nn.sigmoid((logits + noise) / temperature)
+  return jax.nn.sigmoid((logits + noise_scale * noise) / temperature)
 
 
 def hard_bernoulli(logits: jax.Array) -> jax.Array:

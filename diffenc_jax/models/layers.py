@@ -118,7 +118,8 @@ class ResBlock(nn.Module):
 
   GN → SiLU → conv → GN → [modulation] → SiLU → dropout → conv, plus a (1×1 conv) skip.
   Modulation: `emb` (B, E) gives GN(h)*(1+s)+b (AdaGN); a second embedding `cond` (B, E')
-  modulates the result again, h*(1+s_z)+b_z (FiLM with separate time and z paths).
+  modulates the result again, h*(1+s_z)+b_z (FiLM with separate time and z paths); `scale`
+  (B, E'') scales it, h*(1+s_z) with s_z = Dense(scale) (DiffAE's z conditioning: no shift).
   Dropout draws from the 'dropout' rng when train=True.
   """
 
@@ -126,13 +127,16 @@ class ResBlock(nn.Module):
   dropout: float = 0.0
 
   @nn.compact
-  def __call__(self, x, emb=None, cond=None, train: bool = False):
+  def __call__(self, x, emb=None, cond=None, train: bool = False, scale=None):
     h = Conv(self.out_channels, (3, 3))(nn.silu(group_norm(x.shape[-1])(x)))
     h = group_norm(self.out_channels)(h)
     if emb is not None:
       h = modulate(h, emb, name="emb_mod")
     if cond is not None:
       h = modulate(h, cond, name="cond_mod")
+    if scale is not None:
+      s_z = nn.Dense(self.out_channels, name="scale_mod")(scale)
+      h = h * (1.0 + s_z.reshape((h.shape[0],) + (1,) * (h.ndim - 2) + (h.shape[-1],)))
     h = nn.Dropout(self.dropout)(nn.silu(h), deterministic=not train)
     h = Conv(self.out_channels, (3, 3))(h)
     if x.shape[-1] != self.out_channels:

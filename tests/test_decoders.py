@@ -1,0 +1,203 @@
+"""Decoders as pieces: the transformer denoiser, DiffAE's z scale, DDIM inversion, the
+z-normalised latent prior, and `decoders.build` for every method."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import tiny
+from diffenc_jax import decoders, em, methods, models, samplers, schedules
+from diffenc_jax.models import dit
+
+SCHED = schedules.CosineSchedule()
+
+
+def test_patchify_round_trips_and_orders_patches_row_major():
+  x = jnp.arange(2 * 6 * 4 * 3, dtype=jnp.float32).reshape(2, 6, 4, 3)
+  tokens = dit.patchify(x, 2)
+  assert tokens.shape == (2, 6, 12)
+  np.testing.assert_array_equal(tokens[0, 1], x[0, 0:2, 2:4].reshape(-1))  # second patch
+  np.testing.assert_array_equal(dit.unpatchify(tokens, (6, 4, 3), 2), x)
+
+
+def test_dit_is_zero_at_init_and_uses_t_and_z_once_trained():
+  net = models.DiTDenoiser(image_shape=(28, 28, 1), patch_size=7, width=32, depth=2,
+                           num_heads=4, latent_dim=3)
+  x = jax.random.normal(jax.random.key(0), (4, 28, 28, 1))
+  t, z = jnp.linspace(0.1, 0.9, 4), jax.random.normal(jax.random.key(1), (4, 3))
+  params = net.init(jax.random.key(2), x, t, z)
+  out = net.apply(params, x, t, z)
+  assert out.shape == x.shape
+  np.testing.assert_array_equal(out, 0.0)  # adaLN-Zero and a zero output layer
+  # move every zero-initialised weight: now the output depends on x, t and z
+  params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(3), p.shape),
+                        params)
+  base = net.apply(params, x, t, z)
+  for other in (net.apply(params, x, t, z + 1.0), net.apply(params, x, t * 0.5, z),
+                net.apply(params, x + 0.1, t, z)):
+    assert float(jnp.max(jnp.abs(other - base))) > 1e-3
+  # examples are independent: the first example's output does not see the others
+  np.testing.assert_allclose(net.apply(params, x[:1], t[:1], z[:1]), base[:1], atol=1e-5)
+
+
+def test_dit_rejects_an_image_size_not_divisible_by_the_patch():
+  net = models.DiTDenoiser(image_shape=(28, 28, 1), patch_size=5, width=8, depth=1, num_heads=1)
+  with pytest.raises(ValueError, match="patch_size 5"):
+    net.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)), jnp.zeros((1,)), jnp.zeros((1, 2)))
+
+
+def test_scale_conditioning_multiplies_the_features_and_adds_nothing_to_time():
+  """'scale' (DiffAE's code): each ResBlock gets a scale_mod from z and no z enters the time
+  embedding; with z's scale weights zeroed, z cannot change the output."""
+  net = models.UNetDecoder(image_shape=(8, 8, 1), channels=8, channel_mult=(1,),
+                           emb_dim=16, conditioning="scale", latent_dim=3)
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 1))
+  t, z = jnp.array([0.3, 0.6]), jax.random.normal(jax.random.key(1), (2, 3))
+  params = net.init(jax.random.key(2), x, t, z)
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  names = ["/".join(str(getattr(k, "key", k)) for k in path) for path, _ in flat]
+  assert not any("z_proj" in n for n in names)
+  scale_kernels = [n for n in names if "scale_mod" in n and n.endswith("kernel")]
+  res_blocks = {n.split("/")[1] for n in names if n.split("/")[1].startswith("ResBlock")}
+  assert len(scale_kernels) == len(res_blocks) == 5  # 1 down, 2 middle, 2 up: one each
+  params = jax.tree.map(lambda p: p + 0.1, params)  # the zero output conv moves too
+  z_free = jax.tree_util.tree_map_with_path(
+      lambda path, p: jnp.zeros_like(p) if "scale_mod" in str(path) else p, params)
+  a = net.apply(z_free, x, t, z)
+  np.testing.assert_allclose(net.apply(z_free, x, t, -3 * z), a, atol=1e-6)
+  assert float(jnp.max(jnp.abs(net.apply(params, x, t, -3 * z) - net.apply(params, x, t, z)))) > 1e-3
+
+
+def test_ddim_inversion_of_an_exact_point_mass_round_trips():
+  """With the exact ε of a point mass x_0 = μ, ε̂ is constant along the DDIM path, so
+  inversion then DDIM returns μ (and x_T) to float tolerance, for any number of steps."""
+  mu = jax.random.uniform(jax.random.key(0), (3, 5, 5, 1), minval=-1, maxval=1)
+
+  def eps_fn(x_t, t):
+    alpha, sigma = (a[:, None, None, None] for a in SCHED.alpha_sigma(t))
+    return (x_t - alpha * mu) / sigma
+
+  for steps in (3, 20):
+    x_T = samplers.ddim_invert(eps_fn, mu, SCHED, steps)
+    back = samplers.latent_ddim(eps_fn, jax.random.key(1), mu.shape, SCHED, steps, x_init=x_T)
+    np.testing.assert_allclose(back, mu, atol=2e-4)
+  # the DDIM ODE of Gaussian data: inversion is accurate to the discretisation, and improves
+  mean, std = 0.2, 0.5
+
+  def gauss_eps(x_t, t):
+    alpha, sigma = (a[:, None, None, None] for a in SCHED.alpha_sigma(t))
+    return sigma * (x_t - alpha * mean) / (alpha**2 * std**2 + sigma**2)
+
+  x0 = mean + std * jax.random.normal(jax.random.key(2), (3, 5, 5, 1))
+  errors = []
+  for steps in (10, 100):
+    x_T = samplers.ddim_invert(gauss_eps, x0, SCHED, steps)
+    back = samplers.latent_ddim(gauss_eps, jax.random.key(1), x0.shape, SCHED, steps, x_init=x_T)
+    errors.append(float(jnp.max(jnp.abs(back - x0))))
+  assert errors[1] < 0.5 * errors[0] and errors[1] < 0.05
+
+
+def test_latent_prior_standardises_with_running_statistics():
+  config = tiny.get_config()
+  config.diffae.prior_normalize = True
+  prior = em.LatentDDPMPrior(config, SCHED)
+  mean, std = jnp.array([2.0, -1.0, 0.0, 5.0]), jnp.array([0.5, 1.5, 3.0, 0.1])
+  stats = prior.init_stats()
+  for i in range(1500):
+    z = mean + std * jax.random.normal(jax.random.key(i), (64, 4))
+    stats = prior.update_stats(stats, z)
+  m, s = prior.mean_std(stats)
+  np.testing.assert_allclose(m, mean, atol=0.1 * float(std.max()))
+  np.testing.assert_allclose(s, std, rtol=0.1)
+  # a prior with the exact ε of N(0, I) in standardised units samples N(mean, std²)
+  prior.eps_fn = lambda params: (lambda z_t, t: SCHED.sigma(t)[:, None] * z_t)
+  samples = prior.sample(None, jax.random.key(1), 4000, stats)
+  np.testing.assert_allclose(samples.mean(0), m, atol=0.1 * float(std.max()))
+  np.testing.assert_allclose(samples.std(0), s, rtol=0.1)
+  # its loss sees standardised codes: N(mean, std²) codes give the loss of N(0, I) codes
+  params = jax.tree.map(jnp.zeros_like, prior.init(jax.random.key(0)))
+  prior = em.LatentDDPMPrior(config, SCHED)
+  z = mean + std * jax.random.normal(jax.random.key(7), (4096, 4))
+  std_loss = prior.loss(params, z, jax.random.key(3), {"mean": mean, "sq": std**2 + mean**2})
+  raw = prior.loss(params, (z - mean) / std, jax.random.key(3))
+  np.testing.assert_allclose(std_loss, raw, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("method,decoder,denoiser", [
+    ("diffenc", "gaussian", "unet"), ("diffenc", "diffusion", "dit"),
+    ("vae", "gaussian", "unet"), ("diffae", "diffusion", "dit"), ("diffae", "diffusion", "unet"),
+    ("dmz", "diffusion", "dit")])
+def test_every_method_composes_a_decoder_of_the_config(method, decoder, denoiser):
+  config = tiny.get_config()
+  config.method, config.model.decoder, config.model.denoiser = method, decoder, denoiser
+  config.model.dit_patch_size, config.model.dit_width = 7, 16
+  config.model.unet_conditioning = "xattn" if method == "dmz" else "scale"
+  m = methods.get_method(config, (28, 28, 1))
+  assert isinstance(m.decoder, {"gaussian": decoders.GaussianDecoder,
+                                "diffusion": decoders.DiffusionDecoder}[decoder])
+  if decoder == "diffusion":
+    assert isinstance(m.decoder.network, {"dit": models.DiTDenoiser,
+                                          "unet": models.UNetDecoder}[denoiser])
+  params = jax.jit(m.init_state)(jax.random.key(0)).params["decoder"]
+  x = jnp.zeros((2, 28, 28, 1))
+  z = jnp.ones((2, 4))
+  assert m.decoder.nll(params, x, z, jax.random.key(1)).shape == (2,)
+  assert m.decoder.loss(params, x, z, jax.random.key(1)).shape == (2,)
+  assert m.decode(params, z, jax.random.key(1)).shape == (2, 28, 28, 1)
+
+
+def test_joint_warmup_rounds_then_em_rounds():
+  """em.joint_warmup_rounds: rounds before it are `joint_round` (the decoder's loss reaches the
+  encoder through the sampler), later ones `em_round`, each as called alone."""
+  config = tiny.get_config()
+  config.model.decoder, config.model.denoiser = "diffusion", "dit"
+  config.model.dit_width, config.em.joint_warmup_rounds = 16, 1
+  config.em.langevin.step_rule, config.em.langevin.mala = "fixed", False
+  m = methods.get_method(config, (28, 28, 1))
+  state = jax.jit(m.init_state)(jax.random.key(0))
+  xs = jax.random.uniform(jax.random.key(1), (1, 8, 28, 28, 1), minval=-1, maxval=1)
+  key = jax.random.key(2)
+  round_fn = jax.jit(m.train_round)
+  warm, _ = round_fn(state, xs, key)
+  joint, _ = jax.jit(m.joint_round)(state, xs, key)
+  # equal up to XLA's fusion of one program vs another (a wrong branch differs by ≫ 1e-6)
+  chex_equal = lambda a, b: jax.tree.map(
+      lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6), a, b)
+  chex_equal(warm.params, joint.params)
+  after, metrics = round_fn(warm, xs, key)
+  em_state, em_metrics = jax.jit(m.em_round)(warm, xs, key)
+  chex_equal(after.params, em_state.params)
+  assert int(after.step) == 2 and set(metrics) == set(em_metrics)
+  # the warm-up's encoder update carries the decoder's gradient: without it, it differs
+  x = xs[0]
+  k_enc, k_dec, k_den = jax.random.split(jax.random.fold_in(key, 0), 3)
+  enc_only = jax.grad(lambda p: m.encoder_loss(
+      p, x, jax.lax.stop_gradient(m.encode(p, x, k_enc)), k_den))(state.params["encoder"])
+  alone = m.apply_update(state, "encoder", m.enc_opt, enc_only)
+  diff = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), alone.params["encoder"],
+                      joint.params["encoder"])
+  assert max(jax.tree.leaves(diff)) > 0
+
+
+@pytest.mark.parametrize("step_rule,mala", [("gauss_newton", True), ("snr", False)])
+def test_diffusion_decoder_e_step_runs_on_the_estimator(step_rule, mala):
+  """diffenc's E-step with a diffusion decoder: the energy of `posterior.diffusion_nll_fn`
+  (antithetic, importance-weighted, control variate) and, for gauss_newton, its
+  Gauss-Newton precision; the chain moves and its diagnostics are finite."""
+  config = tiny.get_config()
+  config.model.decoder, config.model.denoiser, config.model.dit_width = "diffusion", "dit", 16
+  lv = config.em.langevin
+  lv.step_rule, lv.mala, lv.control_variate, lv.gn_levels = step_rule, mala, True, 2
+  m = methods.get_method(config, (28, 28, 1))
+  state = jax.jit(m.init_state)(jax.random.key(0))
+  # a decoder that uses z: move every weight off its (zero) initialisation
+  state = state.replace(params={**state.params, "decoder": jax.tree.map(
+      lambda p: p + 0.02 * jax.random.normal(jax.random.key(5), p.shape),
+      state.params["decoder"])})
+  x = jax.random.uniform(jax.random.key(1), (4, 28, 28, 1), minval=-1, maxval=1)
+  lat = jax.jit(lambda p, x, k: m.latents(p, x, k, 3))(state.params, x, jax.random.key(2))
+  info = lat["info"]
+  assert float(info.move_norm) > 0 and np.isfinite(float(info.move_norm))
+  assert 0.0 <= float(info.accept_rate) <= 1.0
+  assert float(jnp.max(jnp.abs(lat["zK"] - lat["z0"]))) > 0
