@@ -87,6 +87,11 @@ def get_config() -> ml_collections.ConfigDict:
   # --- EM ---------------------------------------------------------------------------------
   config.em = em = ml_collections.ConfigDict()
   em.beta = 1.0  # posterior temperature: p(z) p(x|z)^(1/β)
+  # constant | anneal: β (diffenc's E-step temperature, the VAE's KL weight) log-linear from
+  # beta_start at round 0 to em.beta at round beta_anneal_steps (schedules.beta_at)
+  em.beta_schedule = "constant"
+  em.beta_start = 1.0
+  em.beta_anneal_steps = 0
   em.align_weight = 1.0  # λ_align: decoder loss on the encoder's own z⁰
   em.e_updates = 1  # E updates per round
   em.m_updates = 2  # M updates per round (the E-step's latents reused: cheap)

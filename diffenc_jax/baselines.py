@@ -119,6 +119,11 @@ class Autoencoder(OneLossMethod):
     del params
     return jax.random.normal(key, (n, self.latent_dim))
 
+  def rate_latent(self, params, x: Array, z0: Array, key: Array) -> Array:
+    """The variable whose KL `rate` reports: the code z0 itself (a deterministic encoder)."""
+    del params, x, key
+    return z0
+
 
 class VAE(Autoencoder):
   """β-VAE: q(z|x) = N(μ(x), diag e^{log_var(x)}) by `GaussianEncoder(enc_channels,
@@ -130,9 +135,12 @@ class VAE(Autoencoder):
   decoder (σ = model.sigma_x) and the continuous-time ELBO bound (em.langevin.mc_samples draws,
   no dropout) for the diffusion decoder, so that β weighs nats against nats.
 
-  `rate` is the analytic KL per example. `latents()["z0"]` and `encode` return the posterior
-  mean μ(x), not a sample: reconstruction PSNR and linear probes of a VAE are, by common
-  practice, read from the mean, which is its best single code.
+  `rate` is the analytic KL per example, of a sample z ~ q(z|x) (`rate_latent`).
+  `latents()["z0"]` and `encode` return the posterior mean μ(x), not a sample: reconstruction
+  PSNR and linear probes of a VAE are, by common practice, read from the mean, which is its
+  best single code. `latents()["zK"]` is that mean refined by diffenc's E-step Langevin chain
+  (`em.posterior_sample`: same β, step rule, MALA, preconditioner) on this decoder's
+  posterior, the like-for-like counterpart of diffenc's z^K.
   """
 
   progress_keys = ("nll", "kl")
@@ -149,11 +157,39 @@ class VAE(Autoencoder):
     del key, num_steps
     return self.encoder.apply(enc_params, x)[0]
 
-  def loss(self, params, x: Array, key: Array):
+  def latents(self, params, x: Array, key: Array,
+              num_steps: int | None = None) -> dict[str, Array]:
+    """{"z0": μ(x), "zK": μ(x) after `num_steps` (em.langevin.num_steps by default) steps of
+    the E-step's Langevin chain on π_β(z|x) ∝ p(z) p_θ(x|z)^(1/β) (`em.posterior_sample` on
+    this decoder, β = em.beta), "info": its diagnostics}; num_steps=0: zK = z0, info None.
+    No gradients."""
+    k_chain = jax.random.fold_in(key, 1)
+    z0 = jax.lax.stop_gradient(self.encode(params["encoder"], x))
+    if num_steps == 0:
+      return {"z0": z0, "zK": z0, "info": None}
+    zk, info = em.posterior_sample(self.config, self.decoder, params["decoder"], x, z0,
+                                   k_chain, num_steps)
+    return {"z0": z0, "zK": zk, "info": info}
+
+  def rate_latent(self, params, x: Array, z0: Array, key: Array) -> Array:
+    """The variable whose KL `rate` reports: a sample z = μ + e^{log_var/2} ε of q(z|x)."""
+    del z0
+    mean, log_var = self.encoder.apply(params["encoder"], x)
+    return mean + jnp.exp(0.5 * log_var) * jax.random.normal(key, mean.shape, mean.dtype)
+
+  def update(self, state: em.TrainState, x: Array, key: Array):
+    """One update on a batch x at the KL weight β of round state.step (`schedules.beta_at`)."""
+    beta = schedules.beta_at(self.config.em, state.step)
+    (_, metrics), grads = jax.value_and_grad(self.loss, has_aux=True)(state.params, x, key, beta)
+    return self.apply_gradients(state, grads), metrics
+
+  def loss(self, params, x: Array, key: Array, beta: float | Array | None = None):
+    """(batch mean of NLL + β KL, metrics); β = em.beta unless given."""
     k_z, k_nll = jax.random.split(key)
     mean, log_var = self.encoder.apply(params["encoder"], x)
+    beta = self.config.em.beta if beta is None else beta
     out = losses.vae_loss(lambda z: self.decoder.nll(params["decoder"], x, z, k_nll), mean,
-                          log_var, k_z, self.config.em.beta)
+                          log_var, k_z, beta)
     return out["loss"].mean(), {"loss": out["loss"].mean(), "nll": out["nll"].mean(),
                                 "kl": out["kl"].mean()}
 

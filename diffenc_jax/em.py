@@ -152,6 +152,40 @@ class LatentDDPMPrior:
     return z
 
 
+def posterior_sample(config, decoder, dec_params, x: Array, z0: Array, key: Array,
+                     num_steps: int | None = None, beta: float | Array | None = None
+                     ) -> tuple[Array, samplers.LangevinInfo]:
+  """The E-step's chain on any decoder of `diffenc_jax.decoders` (diffenc's z^K, and the VAE's
+  refined mean): em.langevin.num_steps (or `num_steps`) Langevin steps from z⁰ on
+  π_β(z|x) ∝ p(z) p_θ(x|z)^(1/β) exp(−½ λ_prox ‖z − z⁰‖²), with config.em.langevin's step
+  rule, MALA and preconditioner; β = config.em.beta unless given. No gradient reaches θ."""
+  em, lv = config.em, config.em.langevin
+  beta = em.beta if beta is None else beta
+  dec_params = jax.lax.stop_gradient(dec_params)
+  k_nll, k_chain, k_pre = jax.random.split(key, 3)
+  # the decoder's energy: exact for the gaussian decoder; for the diffusion decoder an ELBO
+  # estimate whose (t, ε) draws are fixed for the whole chain, so U is deterministic along it
+  nll = decoder.energy_fn(dec_params, x, k_nll, z0)
+
+  def log_density(z):
+    log_p = -nll(z) / beta - 0.5 * jnp.sum(z**2, -1)
+    if em.prox_weight:
+      log_p -= 0.5 * em.prox_weight * jnp.sum((z - z0) ** 2, -1)
+    return log_p
+
+  precision_fn = None
+  if lv.step_rule == "gauss_newton":
+    precision_fn = decoder.precision_fn(dec_params, x, k_pre, beta,
+                                        prior_precision=1.0 + em.prox_weight)
+  # XLA:CPU runs convolutions inside a loop body several times slower than at top level
+  # (benchmarks/langevin.py): on a CPU, a conv decoder's chain is unrolled
+  unroll = True if decoder.convolutional and jax.default_backend() == "cpu" else 1
+  return samplers.langevin_posterior(
+      log_density, z0, k_chain, num_steps=num_steps or lv.num_steps, step_size=lv.step_size,
+      step_rule=lv.step_rule, max_move=lv.max_move, snr=lv.snr, mala=lv.mala,
+      precision_fn=precision_fn, refresh_precision=lv.refresh_precision, unroll=unroll)
+
+
 class DiffusionEncoder:
   """The method: static configuration plus pure functions over `TrainState` (the interface
   of `diffenc_jax.methods`)."""
@@ -227,12 +261,22 @@ class DiffusionEncoder:
                                  key, self.schedule,
                                  weighting=self.config.model.enc_weighting).mean()
 
-  def rate(self, params, x: Array, z0: Array, key: Array, num_samples: int) -> Array:
-    """Diffusion-KL rate KL(q_φ(·|x) ‖ N(0, I)) per example (B,), nats, from samples z0."""
+  def rate(self, params, x: Array, z0: Array, key: Array, num_samples: int,
+           log_snr_max: float | Array | None = None) -> Array:
+    """Diffusion-KL rate per example (B,), nats, from samples z0: the KL to N(0, I) of the code
+    blurred at the latent schedule's λ_max (`rate_latent`), or at the lower log-SNR
+    `log_snr_max` (`losses.rate_estimate`)."""
     enc_params = params["encoder"]
     h = self.encoder.apply(enc_params, x, method="features")
     return losses.rate_estimate(self.encoder_eps_fn(enc_params, h), z0, key, self.schedule,
-                                num_samples)
+                                num_samples, log_snr_max)
+
+  def rate_latent(self, params, x: Array, z0: Array, key: Array) -> Array:
+    """The variable whose KL `rate` reports: z̃ = α_0 z0 + σ_0 ε (B, d), z0 blurred at the
+    latent schedule's t = 0 (log-SNR λ_max, σ_0² = sigmoid(−λ_max))."""
+    del params, x
+    alpha0, sigma0 = self.schedule.alpha_sigma(jnp.zeros(()))
+    return alpha0 * z0 + sigma0 * jax.random.normal(key, z0.shape, z0.dtype)
 
   def sample_latents(self, params, key: Array, n: int) -> Array:
     """n latents from the prior: N(0, I), or the fitted latent DDPM with em.latent_prior."""
@@ -252,49 +296,30 @@ class DiffusionEncoder:
 
   # --- E-step --------------------------------------------------------------------------
   def posterior_sample(self, params, x: Array, z0: Array, key: Array,
-                       num_steps: int | None = None) -> tuple[Array, samplers.LangevinInfo]:
-    """z^K: Langevin on π_β(z|x) ∝ p(z) p_θ(x|z)^(1/β) exp(−½ λ_prox ‖z − z⁰‖²) from z⁰."""
-    em, lv = self.config.em, self.config.em.langevin
-    dec_params = jax.lax.stop_gradient(params["decoder"])
-    k_nll, k_chain, k_pre = jax.random.split(key, 3)
-    # the decoder's energy: exact for the gaussian decoder; for the diffusion decoder an ELBO
-    # estimate whose (t, ε) draws are fixed for the whole chain, so U is deterministic along it
-    nll = self.decoder.energy_fn(dec_params, x, k_nll, z0)
+                       num_steps: int | None = None,
+                       beta: float | Array | None = None) -> tuple[Array, samplers.LangevinInfo]:
+    """z^K: Langevin on π_β(z|x) ∝ p(z) p_θ(x|z)^(1/β) exp(−½ λ_prox ‖z − z⁰‖²) from z⁰;
+    β = em.beta unless given (the E-step passes `schedules.beta_at` of its round).
+    The module's `posterior_sample` on this method's decoder."""
+    return posterior_sample(self.config, self.decoder, params["decoder"], x, z0, key,
+                            num_steps, beta)
 
-    def log_density(z):
-      log_p = -nll(z) / em.beta - 0.5 * jnp.sum(z**2, -1)
-      if em.prox_weight:
-        log_p -= 0.5 * em.prox_weight * jnp.sum((z - z0) ** 2, -1)
-      return log_p
-
-    precision_fn = None
-    if lv.step_rule == "gauss_newton":
-      precision_fn = self.decoder.precision_fn(dec_params, x, k_pre, em.beta,
-                                               prior_precision=1.0 + em.prox_weight)
-    # XLA:CPU runs convolutions inside a loop body several times slower than at top level
-    # (benchmarks/langevin.py): on a CPU, a conv decoder's chain is unrolled
-    unroll = True if self.decoder.convolutional and jax.default_backend() == "cpu" else 1
-    return samplers.langevin_posterior(
-        log_density, z0, k_chain, num_steps=num_steps or lv.num_steps, step_size=lv.step_size,
-        step_rule=lv.step_rule, max_move=lv.max_move, snr=lv.snr, mala=lv.mala,
-        precision_fn=precision_fn, refresh_precision=lv.refresh_precision, unroll=unroll)
-
-  def latents(self, params, x: Array, key: Array,
-              num_steps: int | None = None) -> dict[str, Array]:
+  def latents(self, params, x: Array, key: Array, num_steps: int | None = None,
+              beta: float | Array | None = None) -> dict[str, Array]:
     """z⁰ from the encoder and z^K after `num_steps` Langevin steps from it (the E-step's
-    em.langevin.num_steps by default; num_steps=0: z^K = z⁰ and no diagnostics), with the
-    chain's diagnostics. No gradients."""
+    em.langevin.num_steps by default; num_steps=0: z^K = z⁰ and no diagnostics) at temperature
+    β (em.beta by default), with the chain's diagnostics. No gradients."""
     k_enc, k_chain = jax.random.split(key)
     z0 = jax.lax.stop_gradient(self.encode(params["encoder"], x, k_enc))
     if num_steps == 0:
       return {"z0": z0, "zK": z0, "info": None}
-    zk, info = self.posterior_sample(params, x, z0, k_chain, num_steps)
+    zk, info = self.posterior_sample(params, x, z0, k_chain, num_steps, beta)
     return {"z0": z0, "zK": zk, "info": info}
 
   def e_step(self, state: TrainState, x: Array, key: Array):
     """One E-step on a batch x: returns (state, metrics, latents)."""
     k_lat, k_enc = jax.random.split(key)
-    lat = self.latents(state.params, x, k_lat)
+    lat = self.latents(state.params, x, k_lat, beta=schedules.beta_at(self.config.em, state.step))
     zk = lat["zK"]
 
     # a few updates at most: a trace-time loop, because XLA:CPU runs the conv trunk inside a

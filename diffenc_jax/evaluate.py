@@ -1,11 +1,17 @@
-"""Held-out evaluation: reconstruction PSNR from z⁰ and from E-step-refined z^K, rate, gap, and
-what shows a failure that PSNR can hide: how many reconstructions a classifier recognises, how
-many distinct codes the split gets, and a linear probe of the codes.
+"""Held-out evaluation: reconstruction PSNR from z⁰, from E-step-refined z^K and from the
+variable whose rate is reported (z_q), rate, gap, and what shows a failure that PSNR can hide:
+how many reconstructions a classifier recognises, how many distinct codes the split gets, and a
+linear probe of the codes; the rate as a function of its log-SNR floor.
 
 PSNR is computed with pixels in [0, 1] (the model's [-1, 1] output is clipped and mapped by
 x ↦ (x + 1)/2) as 10 log10(1 / MSE), the MSE averaged over every pixel of the held-out split
 (one number for the split, not a mean of per-image PSNRs, which would read higher). A diffusion
 decoder decodes from a random x_T (config.eval.decoder_steps of DDIM).
+
+Rate and distortion of the same variable (docs/method.md §1.8, docs/rate.md): `rate_nats` is the KL
+to the prior of `method.rate_latent` — for diffenc the code blurred at the latent schedule's
+λ_max, z_q = α_0 z⁰ + σ_0 ε; for the VAE a sample of q(z|x) — and `mse_zq`/`psnr_zq` are the
+distortion of decoding that same z_q.
 """
 
 from __future__ import annotations
@@ -68,11 +74,17 @@ class HeldOut:
             lat["info"])
 
   def _metrics(self, params, x, key):
+    m = self.method
     k_rec, k_rate = jax.random.split(key)
     z0, zk, x0, xk, info = self._reconstruct(params, x, k_rec)
+    k_q, k_dec = jax.random.split(jax.random.fold_in(key, 2))
+    zq = m.rate_latent(params, x, z0, k_q)
+    # a deterministic code's z_q is z⁰ itself (the same traced array): no second decode
+    xq = x0 if zq is z0 else m.decode(params["decoder"], zq, k_dec)
     out = {
         "mse_z0": unit_mse(x, x0),
         "mse_zK": unit_mse(x, xk),
+        "mse_zq": unit_mse(x, xq),
         "rate_nats": self.method.rate(params, x, z0, k_rate, self.config.eval.rate_samples),
         "gap": jnp.sum(jnp.square(zk - z0), -1),
     }
@@ -115,6 +127,7 @@ class HeldOut:
       n += len(x)
     mean = {k: v / n for k, v in sums.items()}
     result = {"psnr_z0": psnr_from_mse(mean["mse_z0"]), "psnr_zK": psnr_from_mse(mean["mse_zK"]),
+              "psnr_zq": psnr_from_mse(mean["mse_zq"]),
               **({"psnr_xT": psnr_from_mse(mean["mse_xT"])} if "mse_xT" in mean else {}),
               "rate_nats": mean["rate_nats"], "rate_bits": mean["rate_nats"] / math.log(2),
               **mean, "distinct_codes": distinct_codes(np.concatenate(codes))}
@@ -153,6 +166,45 @@ def probe_accuracy(config, method, params, test_z: np.ndarray, test_y: np.ndarra
   train_x, train_y = data.load_eval_split(config.data, "train")
   train_z, _ = split_latents(config, method, params, train_x, key, refine=False)
   return metrics.linear_probe_accuracy(train_z, train_y, test_z, test_y)
+
+
+def rate_curve(config, method, params, images: np.ndarray, floors, key: jax.Array
+               ) -> dict[str, np.ndarray]:
+  """The diffusion-KL rate as a function of the log-SNR floor it integrates from.
+
+  For each floor λ_f in `floors` (each ≤ the latent schedule's λ_max: the encoder's score is
+  trained only on [λ_min, λ_max]), the held-out mean over `images` of `method.rate(…,
+  log_snr_max=λ_f)`, the KL to N(0, I) of the code blurred at λ_f, α_f z⁰ + σ_f ε; beside it
+  the KL a deterministic code at the same z⁰ would have there, ½ Σ (α_f² z⁰² + σ_f² − 1 −
+  log σ_f²), which grows by d/2 per unit of λ_f. Every floor sees the same z⁰ and noise draws.
+  Returns {"floor", "rate_nats", "point_mass_nats"}, arrays of len(floors).
+  """
+  if method.rate_kind != "diffusion KL":
+    raise ValueError(f"the rate of a {method.rate_kind!r} method has no log-SNR floor")
+  lam_max = float(method.schedule.log_snr(0.0))
+  floors = [float(f) for f in floors]
+  if max(floors) > lam_max + 1e-4:
+    raise ValueError(f"floors must be <= the latent schedule's logsnr_max = {lam_max:g}, "
+                     f"got {max(floors):g}")
+
+  @jax.jit
+  def batch(params, x, key, floor):
+    k_lat, k_rate = jax.random.split(key)
+    z0 = method.latents(params, x, k_lat, 0)["z0"]
+    rate = method.rate(params, x, z0, k_rate, config.eval.rate_samples, floor)
+    var = jax.nn.sigmoid(-floor)
+    point = 0.5 * jnp.sum((1.0 - var) * jnp.square(z0) + var - 1.0 - jnp.log(var), -1)
+    return jnp.sum(rate), jnp.sum(point)
+
+  b, n = config.eval.batch_size, len(images)
+  rates, points = [], []
+  for floor in floors:
+    sums = [jax.device_get(batch(params, images[i:i + b], jax.random.fold_in(key, i),
+                                 jnp.float32(floor))) for i in range(0, n, b)]
+    rates.append(sum(float(s[0]) for s in sums) / n)
+    points.append(sum(float(s[1]) for s in sums) / n)
+  return {"floor": np.array(floors), "rate_nats": np.array(rates),
+          "point_mass_nats": np.array(points)}
 
 
 def decode_images(method, dec_params, z: jax.Array, key: jax.Array) -> jax.Array:
@@ -214,24 +266,29 @@ def decode_all(config, method, params, z: np.ndarray, key: jax.Array) -> np.ndar
                          for i in range(0, len(z), b)])
 
 
-def comparison_metrics(config, method, state, classifier_params) -> dict[str, float]:
+def comparison_metrics(config, method, state, classifier_params=None) -> dict[str, float]:
   """The held-out suite that the method comparison reports (`HeldOut.evaluate` with the
   classifier's recon_acc and the probe_acc, plus):
 
   recon_fd      classifier Fréchet distance, held-out images vs their reconstructions;
   sample_fd     classifier Fréchet distance, held-out images vs as many prior samples.
-  The classifier (`metrics.load_or_train_classifier`) is trained on the train split only.
+  The classifier (`metrics.load_or_train_classifier`) is trained on the train split only;
+  without one (classifier_params=None) recon_acc, recon_fd and sample_fd are left out (none is
+  loaded or trained, whatever config.eval.classifier_steps says).
   """
   from diffenc_jax import metrics  # sklearn and scipy: loaded only for the comparison
 
   params = state.eval_params(config.eval.use_ema)
-  out = HeldOut.load(config, method, classifier_params).evaluate(state)
-  key = jax.random.key(config.seed + 5)
   test_x, test_y = data.load_eval_split(config.data, "test")
+  # the given classifier, or none (not HeldOut.load's, which trains one on classifier_steps)
+  out = HeldOut(config, method, test_x, test_y, classifier_params).evaluate(state)
+  key = jax.random.key(config.seed + 5)
   test_z, _ = split_latents(config, method, params, test_x, jax.random.fold_in(key, 1),
                             refine=False)
   if "probe_acc" not in out:
     out["probe_acc"] = probe_accuracy(config, method, params, test_z, test_y, key)
+  if classifier_params is None:
+    return out
   recon = decode_all(config, method, params, test_z, jax.random.fold_in(key, 2))
   out["recon_fd"] = metrics.sample_frechet_distance(classifier_params, test_x, recon)
   samples = generate(method, params, len(test_x), jax.random.fold_in(key, 3),

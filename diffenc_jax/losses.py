@@ -164,17 +164,19 @@ def gaussian_kl(mean: Array, log_var: Array) -> Array:
   return 0.5 * _sum_per_example(jnp.square(mean) + jnp.exp(log_var) - 1.0 - log_var)
 
 
-def _integrate_over_log_snr(integrand, batch, key, schedule, num_samples):
+def _integrate_over_log_snr(integrand, batch, key, schedule, num_samples, lam_max=None):
   """Monte-Carlo estimate of ½ ∫₀¹ −λ'(t) integrand(t) dt per example, shape (B,).
 
   The substitution dλ = λ'(t) dt turns it into ½ ∫ integrand dλ over [λ_min, λ_max]: we draw
   λ uniformly (stratified over the `num_samples` draws) and map it back to t. This is
   importance sampling in t with density ∝ −λ'(t); for the cosine schedule, whose −λ'(t) is
   sharply peaked at both ends, it cuts the variance by an order of magnitude.
-  `integrand(key, t (B,)) -> (B,)`.
+  `integrand(key, t (B,)) -> (B,)`. `lam_max` (default: the schedule's λ(0)) truncates the
+  integral at a lower log-SNR: it then runs over t ∈ [t(lam_max), 1].
   """
   lam_min = schedule.log_snr(jnp.ones(()))
-  lam_max = schedule.log_snr(jnp.zeros(()))
+  if lam_max is None:
+    lam_max = schedule.log_snr(jnp.zeros(()))
   key_t, key_draws = jax.random.split(key)
   u = sample_times(key_t, (batch, num_samples), stratified=True)
   t = schedule.t_of_log_snr(lam_max + (lam_min - lam_max) * u)
@@ -225,6 +227,7 @@ def rate_estimate(
     key: Array,
     schedule: Schedule,
     num_samples: int = 1,
+    log_snr_max: float | Array | None = None,
 ) -> Array:
   """Diffusion-KL rate KL(q(z | x) ‖ N(0, I)) in nats, one estimate per example. Shape (B,).
 
@@ -237,13 +240,20 @@ def rate_estimate(
   z_t = α_t z_0 + σ_t ε (docs/method.md §1.8). The last term is of order α_1² and dropped. Each of the
   `num_samples` draws uses its own (t, ε); t is drawn uniformly in log-SNR, stratified. The expectation over
   z0 ~ q(·|x) is the caller's: pass several z0 per x and average.
+
+  What it estimates (docs/method.md §1.8, docs/rate.md): the integral starts at the schedule's t = 0,
+  where the log-SNR is λ_max, not ∞, so it is the KL of the *blurred* code
+  z̃ = α_0 z_0 + σ_0 ε (σ_0² = sigmoid(−λ_max)), not of z_0 itself: for q = N(μ, s² I) that is
+  KL(N(α_0 μ, (α_0² s² + σ_0²) I) ‖ N(0, I)). `log_snr_max` (≤ the schedule's λ_max) starts
+  the integral at a lower log-SNR instead: the KL of the code blurred at that floor.
   """
   def integrand(k, t):
     alpha, sigma = schedule.alpha_sigma(t)
     z_t = alpha[:, None] * z0 + sigma[:, None] * jax.random.normal(k, z0.shape, z0.dtype)
     return _sum_per_example(jnp.square(sigma[:, None] * z_t - eps_fn(z_t, t)))
 
-  return _integrate_over_log_snr(integrand, z0.shape[0], key, schedule, num_samples)
+  return _integrate_over_log_snr(integrand, z0.shape[0], key, schedule, num_samples,
+                                 log_snr_max)
 
 
 def vae_loss(

@@ -8,11 +8,15 @@ A method is an object built from `(config, data_shape)` that holds only static t
     lat = method.latents(params, x, key, num_steps=None)        # {"z0", "zK", "info"}
     x_hat = method.decode(params["decoder"], z, key)            # (B, ...)
     rate = method.rate(params, x, z0, key, num_samples)         # (B,) nats (inf: deterministic)
+    z_q = method.rate_latent(params, x, z0, key)                # (B, d): the variable rated
     z = method.sample_latents(params, key, n)                   # (n, d) from the method's prior
 
 and the attributes `latent_dim`, `data_shape`, `progress_keys` (metrics shown by the progress
 bar) and `rate_kind` (how `rate` is computed, for tables). `latents` returns the encoder's own
 code as "z0"; methods without a posterior refinement return "zK" = "z0" and "info" = None.
+`rate` is the KL to the prior of `rate_latent`'s variable (diffenc: z0 blurred at the latent
+schedule's λ_max; VAE: a sample of q(z|x); others: z0), so that its decode is the distortion
+of the same variable (docs/rate.md).
 """
 
 from __future__ import annotations

@@ -104,3 +104,27 @@ def get_schedule(name: str, **kwargs) -> Schedule:
   if name not in SCHEDULES:
     raise ValueError(f"unknown schedule {name!r}; choose one of {sorted(SCHEDULES)}")
   return SCHEDULES[name](**kwargs)
+
+
+# --- β over training: the E-step's posterior temperature and the VAE's KL weight ------------
+BETA_SCHEDULES = ("constant", "anneal")
+
+
+def beta_at(em_config, step):
+  """β at training round `step` (a traced or Python integer) from config.em:
+
+    constant  em.beta at every round (a Python float: the traced program is unchanged);
+    anneal    log-linear from em.beta_start at round 0 to em.beta at round
+              em.beta_anneal_steps, then em.beta:
+              β_s = β_start (β / β_start)^min(s / beta_anneal_steps, 1).
+  Starting a large β from a small one lets the decoder learn to use z before the prior's pull
+  (KL weight, or temperature of the E-step's posterior) dominates it.
+  """
+  if em_config.beta_schedule == "constant":
+    return em_config.beta
+  if em_config.beta_schedule != "anneal":
+    raise ValueError(f"unknown em.beta_schedule {em_config.beta_schedule!r}; "
+                     f"choose one of {BETA_SCHEDULES}")
+  frac = jnp.minimum(jnp.asarray(step, jnp.float32) / em_config.beta_anneal_steps, 1.0)
+  log_start = math.log(em_config.beta_start)
+  return jnp.exp(log_start + (math.log(em_config.beta) - log_start) * frac)

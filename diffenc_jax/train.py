@@ -119,6 +119,11 @@ def validate_config(config, num_devices: int | None = None) -> None:
     check(config.dmz.sample_steps >= 1,
           f"dmz.sample_steps must be >= 1, got {config.dmz.sample_steps}")
   check(config.em.beta > 0, f"em.beta must be > 0, got {config.em.beta}")
+  check(config.em.beta_schedule in schedules.BETA_SCHEDULES, f"unknown em.beta_schedule "
+        f"{config.em.beta_schedule!r}; choose one of {schedules.BETA_SCHEDULES}")
+  check(config.em.beta_schedule != "anneal" or (config.em.beta_start > 0 and
+                                                config.em.beta_anneal_steps >= 1),
+        "em.beta_schedule='anneal' needs em.beta_start > 0 and em.beta_anneal_steps >= 1")
   for name in ("e_updates", "m_updates", "encoder_inner_steps", "encoder_noise_draws"):
     check(config.em[name] >= 1, f"em.{name} must be >= 1, got {config.em[name]}")
   check(config.data.augment_shift >= 0,

@@ -55,17 +55,20 @@ def method_config(cfg, method: str, seed: int, beta: float | None = None):
   return config
 
 
-def run(cfg, method: str, seed: int, beta: float | None, classifier) -> dict:
-  """Trains one run (unless its suite.json exists) and returns its held-out suite."""
+def run(cfg, method: str, seed: int, beta: float | None, classifier, config=None,
+        name: str | None = None) -> dict:
+  """Trains one run (unless its suite.json exists) and returns its held-out suite. `config`
+  (default `method_config(cfg, method, seed, beta)`) and `name` (default METHOD[_betaB]) let a
+  sibling experiment train its own variant in WORKDIR/NAME/seedS."""
   from diffenc_jax import evaluate, train
 
-  name = method if beta is None else f"{method}_beta{beta:g}"
+  name = name or (method if beta is None else f"{method}_beta{beta:g}")
   workdir = os.path.join(cfg.workdir, name, f"seed{seed}")
   path = os.path.join(workdir, "suite.json")
   if os.path.exists(path):
     with open(path) as f:
       return json.load(f)
-  config = method_config(cfg, method, seed, beta)
+  config = config or method_config(cfg, method, seed, beta)
   print(f"--- {name} seed {seed}: {cfg.num_steps} rounds in {workdir}", flush=True)
   start = time.time()
   train.train_and_evaluate(config, workdir)
