@@ -191,6 +191,8 @@ def test_configs_validate():
   # DiffAE's 64×64 architecture builds at 32×32 RGB (shapes only)
   method = methods.get_method(config, (32, 32, 3))
   state = jax.eval_shape(method.init_state, jax.random.key(0))
-  assert set(state.params) == {"encoder", "decoder", "prior"}
+  # the running code statistics of DiffAE's z-normalisation ride along (no optimiser)
+  assert set(state.params) == {"encoder", "decoder", "prior", "zstats"}
+  assert state.params["zstats"]["mean"].shape == (512,)
   z = jax.eval_shape(method.encode, state.params["encoder"], jnp.zeros((2, 32, 32, 3)))
   assert z.shape == (2, 512)

@@ -31,7 +31,8 @@ def test_quickstart_runs(tmp_path, monkeypatch):
                                    resources={"metadata": {"path": str(tmp_path)}})
   client.execute()  # raises CellExecutionError, with the cell and its traceback, on failure
   outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
-  assert sum("image/png" in o.get("data", {}) for o in outputs) == 3  # recon, samples, paths
+  # recon, samples, paths; DiffAE's autoencoding and editing
+  assert sum("image/png" in o.get("data", {}) for o in outputs) == 5
   text = "".join(o.get("text", "") for o in outputs)
   assert "psnr_z0" in text and "Autoencoder(method='diffenc'" in text
   runs = [p for p in tmp_path.iterdir() if p.name.startswith("diffenc_quickstart_")]
