@@ -102,6 +102,12 @@ def get_config() -> ml_collections.ConfigDict:
   # decoder's loss on z⁰ reaches the encoder through its sampler, so that z is informative
   # when EM starts (a diffusion decoder that ignores z is a fixed point of EM)
   em.joint_warmup_rounds = 0
+  em.joint_code_steps = 0  # the warm-up code's DDIM steps (0 = encoder_sampler.num_steps)
+  em.joint_denoise_weight = 1.0  # weight of the encoder's denoising loss in the warm-up
+  # rounds of EM against an auxiliary gaussian decoder (model.sigma_x, model.dec_arch) before
+  # EM against the diffusion decoder, which learns on the same latents meanwhile: the encoder's
+  # codes are informative before the diffusion decoder's posterior drives the E-step
+  em.gaussian_warmup_rounds = 0
   em.langevin = langevin = ml_collections.ConfigDict()
   langevin.num_steps = 5
   langevin.step_rule = "gauss_newton"  # fixed | snr | gauss_newton
@@ -125,6 +131,9 @@ def get_config() -> ml_collections.ConfigDict:
   langevin.control_variate = False
   langevin.reference_samples = 8
   langevin.gn_levels = 4
+  # the gaussian warm-up's chain (em.gaussian_warmup_rounds): the gaussian decoder's recipe,
+  # kept when a diffusion-decoder config changes em.langevin
+  em.warm_langevin = ml_collections.ConfigDict(langevin.to_dict())
   em.eval_refine_steps = 10  # Langevin steps from z⁰ at evaluation time
   # fit a latent DDPM prior (diffae.prior_*) to the encoder's z⁰, one update per E-step, and
   # sample through it instead of N(0, I), which the codes' aggregate distribution need not match

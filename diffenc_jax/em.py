@@ -153,13 +153,15 @@ class LatentDDPMPrior:
 
 
 def posterior_sample(config, decoder, dec_params, x: Array, z0: Array, key: Array,
-                     num_steps: int | None = None, beta: float | Array | None = None
-                     ) -> tuple[Array, samplers.LangevinInfo]:
+                     num_steps: int | None = None, beta: float | Array | None = None,
+                     langevin=None) -> tuple[Array, samplers.LangevinInfo]:
   """The E-step's chain on any decoder of `diffenc_jax.decoders` (diffenc's z^K, and the VAE's
   refined mean): em.langevin.num_steps (or `num_steps`) Langevin steps from z⁰ on
   π_β(z|x) ∝ p(z) p_θ(x|z)^(1/β) exp(−½ λ_prox ‖z − z⁰‖²), with config.em.langevin's step
-  rule, MALA and preconditioner; β = config.em.beta unless given. No gradient reaches θ."""
-  em, lv = config.em, config.em.langevin
+  rule, MALA and preconditioner (or those of `langevin`, e.g. em.warm_langevin); β =
+  config.em.beta unless given. No gradient reaches θ."""
+  em = config.em
+  lv = em.langevin if langevin is None else langevin
   beta = em.beta if beta is None else beta
   dec_params = jax.lax.stop_gradient(dec_params)
   k_nll, k_chain, k_pre = jax.random.split(key, 3)
@@ -203,8 +205,13 @@ class DiffusionEncoder:
         hidden=m.enc_hidden, num_blocks=m.enc_blocks)
     # p_θ(x|z): gaussian or diffusion (`diffenc_jax.decoders`)
     self.decoder = decoders.build(config, self.data_shape)
-    self.schedule = schedules.get_schedule(**config.schedule)
     em_ = config.em
+    # em.gaussian_warmup_rounds: an auxiliary gaussian decoder (model.sigma_x, model.dec_arch)
+    # drives the E-step of the first rounds while the diffusion decoder learns on its latents
+    self.warm_decoder = None
+    if em_.gaussian_warmup_rounds and self.decoder.kind == "diffusion":
+      self.warm_decoder = decoders.GaussianDecoder(config, self.data_shape)
+    self.schedule = schedules.get_schedule(**config.schedule)
     self.enc_opt = optimizer_for(config, config.train.enc_lr,
                                  em_.e_updates * em_.encoder_inner_steps)
     self.dec_opt = optimizer_for(config, config.train.dec_lr, em_.m_updates)
@@ -220,6 +227,9 @@ class DiffusionEncoder:
     params = {"encoder": self.encoder.init(k_enc, z, t, x), "decoder": self.decoder.init(k_dec)}
     opt_state = {"encoder": self.enc_opt.init(params["encoder"]),
                  "decoder": self.dec_opt.init(params["decoder"])}
+    if self.warm_decoder is not None:
+      params["warm_decoder"] = self.warm_decoder.init(jax.random.fold_in(key, 3))
+      opt_state["warm_decoder"] = self.dec_opt.init(params["warm_decoder"])
     if self.prior is not None:
       params["prior"] = self.prior.init(jax.random.fold_in(key, 2))
       opt_state["prior"] = self.prior.optimizer.init(params["prior"])
@@ -296,30 +306,38 @@ class DiffusionEncoder:
 
   # --- E-step --------------------------------------------------------------------------
   def posterior_sample(self, params, x: Array, z0: Array, key: Array,
-                       num_steps: int | None = None,
-                       beta: float | Array | None = None) -> tuple[Array, samplers.LangevinInfo]:
+                       num_steps: int | None = None, beta: float | Array | None = None,
+                       warm: bool = False) -> tuple[Array, samplers.LangevinInfo]:
     """z^K: Langevin on π_β(z|x) ∝ p(z) p_θ(x|z)^(1/β) exp(−½ λ_prox ‖z − z⁰‖²) from z⁰;
     β = em.beta unless given (the E-step passes `schedules.beta_at` of its round).
-    The module's `posterior_sample` on this method's decoder."""
+    The module's `posterior_sample` on this method's decoder (warm=True: on the gaussian
+    warm-up decoder, with em.warm_langevin's chain)."""
+    if warm:
+      return posterior_sample(self.config, self.warm_decoder, params["warm_decoder"], x, z0,
+                              key, num_steps or self.config.em.warm_langevin.num_steps, beta,
+                              langevin=self.config.em.warm_langevin)
     return posterior_sample(self.config, self.decoder, params["decoder"], x, z0, key,
                             num_steps, beta)
 
   def latents(self, params, x: Array, key: Array, num_steps: int | None = None,
-              beta: float | Array | None = None) -> dict[str, Array]:
+              beta: float | Array | None = None, warm: bool = False) -> dict[str, Array]:
     """z⁰ from the encoder and z^K after `num_steps` Langevin steps from it (the E-step's
     em.langevin.num_steps by default; num_steps=0: z^K = z⁰ and no diagnostics) at temperature
-    β (em.beta by default), with the chain's diagnostics. No gradients."""
+    β (em.beta by default), with the chain's diagnostics (warm=True: the chain on the gaussian
+    warm-up decoder). No gradients."""
     k_enc, k_chain = jax.random.split(key)
     z0 = jax.lax.stop_gradient(self.encode(params["encoder"], x, k_enc))
     if num_steps == 0:
       return {"z0": z0, "zK": z0, "info": None}
-    zk, info = self.posterior_sample(params, x, z0, k_chain, num_steps, beta)
+    zk, info = self.posterior_sample(params, x, z0, k_chain, num_steps, beta, warm)
     return {"z0": z0, "zK": zk, "info": info}
 
-  def e_step(self, state: TrainState, x: Array, key: Array):
-    """One E-step on a batch x: returns (state, metrics, latents)."""
+  def e_step(self, state: TrainState, x: Array, key: Array, warm: bool = False):
+    """One E-step on a batch x: returns (state, metrics, latents). warm=True: the chain runs
+    on the gaussian warm-up decoder (em.gaussian_warmup_rounds)."""
     k_lat, k_enc = jax.random.split(key)
-    lat = self.latents(state.params, x, k_lat, beta=schedules.beta_at(self.config.em, state.step))
+    lat = self.latents(state.params, x, k_lat, beta=schedules.beta_at(self.config.em, state.step),
+                       warm=warm)
     zk = lat["zK"]
 
     # a few updates at most: a trace-time loop, because XLA:CPU runs the conv trunk inside a
@@ -370,10 +388,22 @@ class DiffusionEncoder:
                                            self.config.train.ema_decay)})
 
   # --- M-step --------------------------------------------------------------------------
-  def m_step(self, state: TrainState, x: Array, latents: dict[str, Array], key: Array):
-    """One M-step: θ ← NLL_θ(x|z^K) + λ_align NLL_θ(x|z⁰). Returns (state, metrics)."""
+  def m_step(self, state: TrainState, x: Array, latents: dict[str, Array], key: Array,
+             warm: bool = False):
+    """One M-step: θ ← NLL_θ(x|z^K) + λ_align NLL_θ(x|z⁰). Returns (state, metrics).
+    warm=True: the gaussian warm-up decoder takes the same step on its own NLL."""
     lam = self.config.em.align_weight
     k_k, k_0 = jax.random.split(key)
+    metrics = {}
+    if self.warm_decoder is not None:
+      loss_w = jnp.zeros(())
+      if warm:
+        def warm_loss(p):
+          loss = self.warm_decoder.loss(p, x, latents["zK"], k_k).mean()
+          return loss + lam * self.warm_decoder.loss(p, x, latents["z0"], k_0).mean()
+        loss_w, grads = jax.value_and_grad(warm_loss)(state.params["warm_decoder"])
+        state = self.apply_update(state, "warm_decoder", self.dec_opt, grads)
+      metrics["warm_dec_loss"] = loss_w
 
     def loss_fn(dec_params):
       loss_k = self.decoder.loss(dec_params, x, latents["zK"], k_k).mean()
@@ -383,23 +413,24 @@ class DiffusionEncoder:
     (_, (loss_k, loss_0)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params["decoder"])
     state = self.apply_update(state, "decoder", self.dec_opt, grads)
-    return state, {"dec_loss_zK": loss_k, "dec_loss_z0": jnp.asarray(loss_0)}
+    return state, {"dec_loss_zK": loss_k, "dec_loss_z0": jnp.asarray(loss_0), **metrics}
 
   # --- one round -----------------------------------------------------------------------
-  def em_round(self, state: TrainState, xs: Array, key: Array):
+  def em_round(self, state: TrainState, xs: Array, key: Array, warm: bool = False):
     """e_updates E-steps, one per batch of xs (E, B, ...), then m_updates M-steps reusing
-    those batches' latents in turn. Returns (state, metrics); the step is not advanced."""
+    those batches' latents in turn. Returns (state, metrics); the step is not advanced.
+    warm=True: a round of the gaussian warm-up (em.gaussian_warmup_rounds)."""
     # e_updates and m_updates are small config integers: trace-time loops (see e_step)
     num_e = xs.shape[0]
     e_metrics, lats = [], []
     for i in range(num_e):
-      state, metrics, lat = self.e_step(state, xs[i], jax.random.fold_in(key, i))
+      state, metrics, lat = self.e_step(state, xs[i], jax.random.fold_in(key, i), warm)
       e_metrics.append(metrics)
       lats.append(lat)
     m_metrics = []
     for i in range(self.config.em.m_updates):
       state, metrics = self.m_step(state, xs[i % num_e], lats[i % num_e],
-                                   jax.random.fold_in(key, num_e + i))
+                                   jax.random.fold_in(key, num_e + i), warm)
       m_metrics.append(metrics)
     return state, {**_mean(e_metrics), **_mean(m_metrics)}
 
@@ -412,16 +443,18 @@ class DiffusionEncoder:
     informative before EM starts: EM from a decoder that ignores z stays there
     (docs/method.md §4). With the encoder's ancestral sample instead, z⁰ stayed noisy and the
     decoder learned little from it (probe 0.34 after 1,000 rounds). Returns (state, metrics)."""
+    em_ = self.config.em
     metrics = []
     for i in range(xs.shape[0]):
       x = xs[i]
       k_enc, k_dec, k_den = jax.random.split(jax.random.fold_in(key, i), 3)
 
       def loss_fn(params):
-        z0 = self.encode(params["encoder"], x, k_enc, deterministic=True)
+        z0 = self.encode(params["encoder"], x, k_enc, num_steps=em_.joint_code_steps or None,
+                         deterministic=True)
         dec = self.decoder.loss(params["decoder"], x, z0, k_dec).mean()
         enc = self.encoder_loss(params["encoder"], x, jax.lax.stop_gradient(z0), k_den)
-        return dec + enc, (dec, enc, z0)
+        return dec + em_.joint_denoise_weight * enc, (dec, enc, z0)
 
       grads, (dec, enc, z0) = jax.grad(loss_fn, has_aux=True)(state.params)
       state = self.apply_update(state, "encoder", self.enc_opt, grads["encoder"])
@@ -433,9 +466,17 @@ class DiffusionEncoder:
     return state, _mean(metrics)
 
   def train_round(self, state: TrainState, xs: Array, key: Array):
-    """One round: `em_round`, or `joint_round` while state.step < em.joint_warmup_rounds
-    (one program, `lax.cond`; the warm-up's metrics fill EM's keys it lacks with 0). Returns
-    (state with step + 1, metrics)."""
+    """One round: `em_round`; while state.step < em.gaussian_warmup_rounds its gaussian
+    warm-up form (the E-step on the auxiliary gaussian decoder, both decoders updated on its
+    latents), or `joint_round` while state.step < em.joint_warmup_rounds (one program,
+    `lax.cond`; the warm-up's metrics fill EM's keys it lacks with 0). Returns (state with
+    step + 1, metrics)."""
+    if self.warm_decoder is not None:
+      state, metrics = jax.lax.cond(
+          state.step < self.config.em.gaussian_warmup_rounds,
+          lambda s: self.em_round(s, xs, key, warm=True), lambda s: self.em_round(s, xs, key),
+          state)
+      return state.replace(step=state.step + 1), metrics
     warmup = self.config.em.joint_warmup_rounds
     if not warmup:
       state, metrics = self.em_round(state, xs, key)

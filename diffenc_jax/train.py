@@ -160,6 +160,17 @@ def validate_config(config, num_devices: int | None = None) -> None:
         f"em.eval_refine_steps must be >= 0, got {config.em.eval_refine_steps}")
   for name in ("align_weight", "prox_weight"):
     check(config.em[name] >= 0, f"em.{name} must be >= 0, got {config.em[name]}")
+  em_ = config.em
+  for name in ("joint_warmup_rounds", "gaussian_warmup_rounds", "joint_code_steps"):
+    check(em_[name] >= 0, f"em.{name} must be >= 0, got {em_[name]}")
+  check(not (em_.joint_warmup_rounds and em_.gaussian_warmup_rounds),
+        "em.joint_warmup_rounds and em.gaussian_warmup_rounds are two warm-ups: set one")
+  check(not em_.gaussian_warmup_rounds or config.model.decoder == "diffusion",
+        "em.gaussian_warmup_rounds warms up a diffusion decoder: needs model.decoder='diffusion'")
+  wl = em_.warm_langevin
+  check(wl.step_rule in samplers.STEP_RULES,
+        f"unknown em.warm_langevin.step_rule {wl.step_rule!r}; choose one of {samplers.STEP_RULES}")
+  check(wl.num_steps >= 1, f"em.warm_langevin.num_steps must be >= 1, got {wl.num_steps}")
   es = config.encoder_sampler
   check(es.num_steps >= 1, f"encoder_sampler.num_steps must be >= 1, got {es.num_steps}")
   check(0 <= es.eta <= 1, f"encoder_sampler.eta must be in [0, 1], got {es.eta}")

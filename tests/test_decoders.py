@@ -181,6 +181,47 @@ def test_joint_warmup_rounds_then_em_rounds():
   assert max(jax.tree.leaves(diff)) > 0
 
 
+def test_gaussian_warmup_rounds_then_diffusion_em():
+  """em.gaussian_warmup_rounds: the first rounds run the E-step on the auxiliary gaussian
+  decoder (z^K equals `posterior_sample` on it with em.warm_langevin's chain) and update both
+  decoders on its latents; later rounds are plain `em_round`s on the diffusion decoder and leave
+  the gaussian one alone."""
+  config = tiny.get_config()
+  config.model.decoder, config.model.denoiser = "diffusion", "dit"
+  config.model.dit_width, config.em.gaussian_warmup_rounds = 16, 1
+  config.em.langevin.step_rule, config.em.langevin.mala = "snr", False
+  config.em.warm_langevin.num_steps = 2
+  m = methods.get_method(config, (28, 28, 1))
+  state = jax.jit(m.init_state)(jax.random.key(0))
+  assert "warm_decoder" in state.params and m.warm_decoder.kind == "gaussian"
+  xs = jax.random.uniform(jax.random.key(1), (1, 8, 28, 28, 1), minval=-1, maxval=1)
+  key = jax.random.key(2)
+  round_fn = jax.jit(m.train_round)
+  warm, metrics = round_fn(state, xs, key)
+  alone, _ = jax.jit(lambda s, x, k: m.em_round(s, x, k, warm=True))(state, xs, key)
+  close = lambda a, b: jax.tree.map(
+      lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6), a, b)
+  close(warm.params, alone.params)
+  moved = lambda a, b: max(jax.tree.leaves(jax.tree.map(
+      lambda u, v: float(jnp.max(jnp.abs(u - v))), a, b)))
+  # both decoders learnt in the warm-up round
+  assert moved(warm.params["warm_decoder"], state.params["warm_decoder"]) > 0
+  assert moved(warm.params["decoder"], state.params["decoder"]) > 0
+  assert float(metrics["warm_dec_loss"]) > 0
+  # the warm-up's z^K is the gaussian decoder's chain (em.warm_langevin: gauss_newton + MALA)
+  x = xs[0]
+  lat = m.latents(state.params, x, key, warm=True)
+  ref = em.posterior_sample(config, m.warm_decoder, state.params["warm_decoder"], x, lat["z0"],
+                            jax.random.split(key)[1], 2, langevin=config.em.warm_langevin)[0]
+  np.testing.assert_allclose(lat["zK"], ref, rtol=1e-5, atol=1e-6)
+  # after the warm-up: em_round on the diffusion decoder; the gaussian decoder stays put
+  after, metrics = round_fn(warm, xs, key)
+  plain, plain_metrics = jax.jit(m.em_round)(warm, xs, key)
+  close(after.params, plain.params)
+  assert moved(after.params["warm_decoder"], warm.params["warm_decoder"]) == 0
+  assert float(metrics["warm_dec_loss"]) == 0 and set(metrics) == set(plain_metrics)
+
+
 @pytest.mark.parametrize("step_rule,mala", [("gauss_newton", True), ("snr", False)])
 def test_diffusion_decoder_e_step_runs_on_the_estimator(step_rule, mala):
   """diffenc's E-step with a diffusion decoder: the energy of `posterior.diffusion_nll_fn`

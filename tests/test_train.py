@@ -55,6 +55,10 @@ def tiny_config(**overrides):
     ({"train.checkpoint_every": 0}, "train.checkpoint_every must be >= 1"),
     ({"encoder_sampler.num_steps": 0}, "encoder_sampler.num_steps must be >= 1"),
     ({"seed": -1}, "seed must be an int >= 0"),
+    ({"em.gaussian_warmup_rounds": 5}, "needs model.decoder='diffusion'"),
+    ({"model.decoder": "diffusion", "em.gaussian_warmup_rounds": 5,
+      "em.joint_warmup_rounds": 5}, "two warm-ups: set one"),
+    ({"em.warm_langevin.step_rule": "hmc"}, "unknown em.warm_langevin.step_rule"),
 ])
 def test_bad_config_fails_with_one_line(override, message):
   with pytest.raises(train.UsageError) as err:
