@@ -108,6 +108,10 @@ def get_config() -> ml_collections.ConfigDict:
   # EM against the diffusion decoder, which learns on the same latents meanwhile: the encoder's
   # codes are informative before the diffusion decoder's posterior drives the E-step
   em.gaussian_warmup_rounds = 0
+  # the encoder's learning rate × this once EM against the diffusion decoder starts (after the
+  # gaussian warm-up): a chain that barely moves z leaves the encoder learning its own samples,
+  # and at the warm-up's rate its codes drift faster than the decoder follows
+  em.em_enc_lr_scale = 1.0
   em.langevin = langevin = ml_collections.ConfigDict()
   langevin.num_steps = 5
   langevin.step_rule = "gauss_newton"  # fixed | snr | gauss_newton

@@ -45,18 +45,22 @@ class TrainState(flax.struct.PyTreeNode):
 
 def make_optimizer(lr: float, warmup_steps: int, grad_clip: float,
                    weight_decay: float = 0.0, decay_steps: int = 0,
-                   final_lr: float = 0.0) -> optax.GradientTransformation:
+                   final_lr: float = 0.0,
+                   scale_after: tuple[int, float] | None = None) -> optax.GradientTransformation:
   """Adam (AdamW when weight_decay > 0: decoupled decay of the weight matrices and kernels,
   not of biases or norm scales) with linear warm-up (from lr/warmup_steps, so the first update
   moves) and global-norm clipping. decay_steps > 0: after the warm-up the rate follows a
   cosine from lr down to `final_lr` · lr at update `decay_steps` (warm-up included), and stays
-  there; else it stays at lr."""
+  there; else it stays at lr. scale_after = (n, s): from update n on, the rate is s times that."""
   warmup_steps = max(warmup_steps, 1)
   if decay_steps > warmup_steps:
     schedule = optax.warmup_cosine_decay_schedule(lr / warmup_steps, lr, warmup_steps,
                                                   decay_steps, end_value=final_lr * lr)
   else:
     schedule = optax.linear_schedule(lr / warmup_steps, lr, warmup_steps)
+  if scale_after is not None and scale_after[1] != 1.0:
+    base, (boundary, scale) = schedule, scale_after
+    schedule = lambda count: base(count) * jnp.where(count < boundary, 1.0, scale)
   if weight_decay:
     kernels = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
     adam = optax.adamw(schedule, weight_decay=weight_decay, mask=kernels)
@@ -66,13 +70,17 @@ def make_optimizer(lr: float, warmup_steps: int, grad_clip: float,
 
 
 def optimizer_for(config, lr: float, updates_per_round: int,
-                  weight_decay: bool = True) -> optax.GradientTransformation:
+                  weight_decay: bool = True,
+                  scale_after: tuple[int, float] | None = None) -> optax.GradientTransformation:
   """`make_optimizer` from config.train for a network updated `updates_per_round` times per
-  training round: train.lr_schedule 'cosine' decays it over all train.num_steps rounds."""
+  training round: train.lr_schedule 'cosine' decays it over all train.num_steps rounds;
+  scale_after = (rounds, s) multiplies the rate by s from that round on."""
   t = config.train
   decay = t.num_steps * updates_per_round if t.lr_schedule == "cosine" else 0
+  if scale_after is not None:
+    scale_after = (scale_after[0] * updates_per_round, scale_after[1])
   return make_optimizer(lr, t.warmup_steps, t.grad_clip, t.weight_decay if weight_decay else 0.0,
-                        decay_steps=decay, final_lr=t.final_lr)
+                        decay_steps=decay, final_lr=t.final_lr, scale_after=scale_after)
 
 
 def ema_update(ema, params, decay: float):
@@ -212,8 +220,12 @@ class DiffusionEncoder:
     if em_.gaussian_warmup_rounds and self.decoder.kind == "diffusion":
       self.warm_decoder = decoders.GaussianDecoder(config, self.data_shape)
     self.schedule = schedules.get_schedule(**config.schedule)
+    # em.em_enc_lr_scale: the encoder's rate once EM against the diffusion decoder starts
+    warm_rounds = em_.gaussian_warmup_rounds if self.warm_decoder is not None else 0
     self.enc_opt = optimizer_for(config, config.train.enc_lr,
-                                 em_.e_updates * em_.encoder_inner_steps)
+                                 em_.e_updates * em_.encoder_inner_steps,
+                                 scale_after=(warm_rounds, em_.em_enc_lr_scale)
+                                 if warm_rounds else None)
     self.dec_opt = optimizer_for(config, config.train.dec_lr, em_.m_updates)
     # optional latent DDPM prior over z⁰, one update per E-step, for sample_latents
     self.prior = LatentDDPMPrior(config, self.schedule) if em_.latent_prior else None
@@ -391,7 +403,8 @@ class DiffusionEncoder:
   def m_step(self, state: TrainState, x: Array, latents: dict[str, Array], key: Array,
              warm: bool = False):
     """One M-step: θ ← NLL_θ(x|z^K) + λ_align NLL_θ(x|z⁰). Returns (state, metrics).
-    warm=True: the gaussian warm-up decoder takes the same step on its own NLL."""
+    warm=True: the gaussian warm-up decoder takes that step on its own NLL, and the diffusion
+    decoder one on its loss at z^K alone."""
     lam = self.config.em.align_weight
     k_k, k_0 = jax.random.split(key)
     metrics = {}
@@ -405,10 +418,14 @@ class DiffusionEncoder:
         state = self.apply_update(state, "warm_decoder", self.dec_opt, grads)
       metrics["warm_dec_loss"] = loss_w
 
+    # in the gaussian warm-up the diffusion decoder learns on z^K alone (z⁰ is close to it
+    # there, and each of its loss terms costs a forward and backward pass of the denoiser)
+    lam_dec = 0.0 if warm else lam
+
     def loss_fn(dec_params):
       loss_k = self.decoder.loss(dec_params, x, latents["zK"], k_k).mean()
-      loss_0 = self.decoder.loss(dec_params, x, latents["z0"], k_0).mean() if lam else 0.0
-      return loss_k + lam * loss_0, (loss_k, loss_0)
+      loss_0 = self.decoder.loss(dec_params, x, latents["z0"], k_0).mean() if lam_dec else 0.0
+      return loss_k + lam_dec * loss_0, (loss_k, loss_0)
 
     (_, (loss_k, loss_0)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params["decoder"])

@@ -167,6 +167,7 @@ def validate_config(config, num_devices: int | None = None) -> None:
         "em.joint_warmup_rounds and em.gaussian_warmup_rounds are two warm-ups: set one")
   check(not em_.gaussian_warmup_rounds or config.model.decoder == "diffusion",
         "em.gaussian_warmup_rounds warms up a diffusion decoder: needs model.decoder='diffusion'")
+  check(em_.em_enc_lr_scale > 0, f"em.em_enc_lr_scale must be > 0, got {em_.em_enc_lr_scale}")
   wl = em_.warm_langevin
   check(wl.step_rule in samplers.STEP_RULES,
         f"unknown em.warm_langevin.step_rule {wl.step_rule!r}; choose one of {samplers.STEP_RULES}")

@@ -222,6 +222,32 @@ def test_gaussian_warmup_rounds_then_diffusion_em():
   assert float(metrics["warm_dec_loss"]) == 0 and set(metrics) == set(plain_metrics)
 
 
+def test_encoder_rate_scaled_once_em_starts():
+  """em.em_enc_lr_scale: Adam's first updates have size ≈ lr; from the round the gaussian
+  warm-up ends (× updates per round) on they are scale × that, and not before."""
+  opt = em.make_optimizer(1.0, warmup_steps=1, grad_clip=1e9, scale_after=(3, 0.1))
+  params = jnp.zeros((4,))
+  opt_state = opt.init(params)
+  sizes = []
+  for _ in range(5):
+    updates, opt_state = opt.update(jnp.ones((4,)), opt_state, params)
+    sizes.append(float(jnp.max(jnp.abs(updates))))
+  np.testing.assert_allclose(sizes, [1, 1, 1, 0.1, 0.1], rtol=1e-3)
+  config = tiny.get_config()
+  config.model.decoder, config.model.denoiser, config.model.dit_width = "diffusion", "dit", 16
+  config.em.gaussian_warmup_rounds, config.em.em_enc_lr_scale = 2, 0.1
+  config.em.e_updates = 2
+  m = methods.get_method(config, (28, 28, 1))
+  enc = jnp.zeros((3,))
+  state = m.enc_opt.init(enc)
+  sizes = []
+  for _ in range(6):
+    updates, state = m.enc_opt.update(jnp.ones((3,)), state, enc)
+    sizes.append(float(jnp.max(jnp.abs(updates))))
+  # 2 warm-up rounds × 2 encoder updates per round at the full rate, then 0.1 × it
+  assert sizes[3] > 0.5 * sizes[2] and sizes[4] < 0.2 * sizes[3]
+
+
 @pytest.mark.parametrize("step_rule,mala", [("gauss_newton", True), ("snr", False)])
 def test_diffusion_decoder_e_step_runs_on_the_estimator(step_rule, mala):
   """diffenc's E-step with a diffusion decoder: the energy of `posterior.diffusion_nll_fn`
