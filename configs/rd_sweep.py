@@ -7,8 +7,8 @@ each for `num_steps` rounds of the matched recipe (lr_schedule, weight_decay), e
 500 held-out digits (docs/rate.md). At σ_x = 0.1 the likelihood of 784 pixels dwarfs the prior:
 β must span 1…10⁴ for the VAE's rate to run from above 50 nats to below 5.
 
-num_steps is sized for ≤ 90 minutes on the 2-core CPU (docs/rate.md: per-round times measured,
-the sweep's wall TO BE MEASURED).
+num_steps was sized for ≤ 90 minutes on the 2-core CPU; the sweep took 121 minutes pinned to one
+core of a shared host (docs/rate.md).
 """
 
 import ml_collections
