@@ -1,6 +1,8 @@
 """Where the time of one training round goes: each part of the round jitted on its own and
 timed (median of --repeats calls after a compiling call and a warm one, `jax.block_until_ready`),
-beside the whole jitted round, on random inputs of each config's data shape.
+beside the whole jitted round, on random inputs of each config's data shape. The timed calls
+are interleaved (every part once, then again, …) so that a change in the host's load weighs on
+every part alike; on a host shared with other work the figures are still only indicative.
 
     python benchmarks/breakdown.py [--configs mnist,diffae64] [--repeats 5] [--set FIELD=VALUE]
     python benchmarks/breakdown.py --tiny   # the same parts on tiny networks (a smoke test)
@@ -131,37 +133,6 @@ def run(fn: Callable, *args):
   return out
 
 
-def time_part(fn: Callable, args: tuple, repeats: int) -> tuple[float, float]:
-  """(median seconds of `repeats` calls, seconds of the first call) of jax.jit(fn)(*args),
-  after the first (compiling) call and one warm call."""
-  if fn not in _FIRST:
-    run(fn, *args)
-  run(fn, *args)
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    run(fn, *args)
-    times.append(time.perf_counter() - start)
-  return float(np.median(times)), _FIRST[fn]
-
-
-def time_round(method, state, xs: jax.Array, repeats: int) -> tuple[float, float]:
-  """(median seconds, first call) of the jitted `method.train_round`, its state donated and
-  carried from call to call as in training (benchmarks/train_step.py)."""
-  round_fn = jax.jit(method.train_round, donate_argnums=0)
-  first, times = 0.0, []
-  for i in range(repeats + 2):  # compile, one warm round, then the timed ones
-    start = time.perf_counter()
-    state, metrics = round_fn(state, xs, jax.random.key(100 + i))
-    jax.block_until_ready(metrics)
-    elapsed = time.perf_counter() - start
-    if i == 0:
-      first = elapsed
-    elif i >= 2:
-      times.append(elapsed)
-  return float(np.median(times)), first
-
-
 def diffenc_parts(method, state, xs: jax.Array) -> list[Part]:
   """The parts of one diffenc EM round (`DiffusionEncoder.em_round`)."""
   config = method.config
@@ -284,10 +255,36 @@ def breakdown(name: str, repeats: int, tiny: bool = False,
     parts = diffae_parts(method, state, xs)
   else:
     raise ValueError(f"no breakdown for method {config.method!r} (diffenc, diffae)")
-  timings = [Timing(p.name, p.sub, *time_part(p.fn, p.args, repeats)) for p in parts]
-  # the round last: it donates (and so consumes) the state the parts read
-  timings.append(Timing(ROUND, False, *time_round(method, state, xs, repeats)))
-  return timings
+  # the whole round as in training (benchmarks/train_step.py): jitted, its state donated and
+  # carried from call to call; a copy of its own, since donation consumes the buffers
+  round_fn = jax.jit(method.train_round, donate_argnums=0)
+  carried = {"state": jax.tree.map(jnp.copy, state), "i": 0}
+
+  def whole_round():
+    carried["state"], metrics = round_fn(carried["state"], xs, jax.random.key(carried["i"]))
+    carried["i"] += 1
+    return jax.block_until_ready(metrics)
+
+  calls = [lambda p=p: run(p.fn, *p.args) for p in parts] + [whole_round]
+  start = time.perf_counter()
+  whole_round()  # compiles
+  first = [_FIRST.get(p.fn) for p in parts] + [time.perf_counter() - start]
+  for j, call in enumerate(calls):  # compile what is not compiled yet, then one warm call each
+    if first[j] is None:
+      call()
+      first[j] = _FIRST[parts[j].fn]
+    call()
+  # the timed calls interleaved (every part once, then again, …), so that a change in the
+  # host's load over the run weighs on every part alike
+  times = [[] for _ in calls]
+  for _ in range(repeats):
+    for j, call in enumerate(calls):
+      start = time.perf_counter()
+      call()
+      times[j].append(time.perf_counter() - start)
+  names = [(p.name, p.sub) for p in parts] + [(ROUND, False)]
+  return [Timing(name, sub, float(np.median(t)), f)
+          for (name, sub), t, f in zip(names, times, first)]
 
 
 def milliseconds(seconds: float) -> str:
