@@ -29,5 +29,7 @@ setup(
     extras_require={
         "test": ["pytest>=9.0", "pytest-xdist>=3.8", "nbclient>=0.11", "nbformat>=5.11",
                  "ipykernel>=7.4"],
+        # benchmarks/vs_reference.py: the PyTorch original (the user's checkout of phizaz/diffae)
+        "reference": ["torch>=2.0"],
     },
 )
