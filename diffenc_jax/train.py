@@ -399,6 +399,8 @@ class Trainer:
     bar = tqdm(range(start, cfg.train.num_steps), initial=start, total=cfg.train.num_steps,
                disable=not is_main, dynamic_ncols=True)
     t_last, s_last, eval_metrics, done = time.time(), start, {}, start
+    # wall seconds of training so far, over every process that resumed this run
+    elapsed = previous_elapsed(metrics_path, start) - t_last
     try:
       for step in bar:
         state, metrics = self.round(state, self.global_batch(batches, step),
@@ -408,6 +410,7 @@ class Trainer:
           metrics = self._finite(metrics, done)
           now = time.time()
           metrics["steps_per_s"] = (done - s_last) / (now - t_last)
+          metrics["elapsed_s"] = elapsed + now
           t_last, s_last = now, done
           bar.set_postfix({**{k: f"{metrics[k]:.3g}" for k in self.method.progress_keys},
                            "sps": f"{metrics['steps_per_s']:.2f}"})
@@ -457,6 +460,22 @@ class Trainer:
     for k, v in metrics.items():
       writer.add_scalar(k, v, step)
     writer.flush()
+
+
+def previous_elapsed(metrics_path: str, start: int) -> float:
+  """`train/elapsed_s` of the last log line at or before round `start` in a run's
+  metrics.jsonl (0 for a new run): what a resumed run's clock starts from."""
+  elapsed = 0.0
+  if start and os.path.exists(metrics_path):
+    with open(metrics_path) as f:
+      for line in f:
+        try:
+          record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a crash
+          continue
+        if record.get("step", start + 1) <= start and "train/elapsed_s" in record:
+          elapsed = record["train/elapsed_s"]
+  return elapsed
 
 
 def train_and_evaluate(config, workdir: str) -> dict:

@@ -38,6 +38,11 @@ def test_compare_writes_table_and_plot_and_reuses_runs(tmp_path):
   # each run records the device its wall time was measured on, and the table names it
   assert {s["device"] for s in suites.values()} == {compare.describe_device()}
   assert f"seconds of training on {compare.describe_device()}" in text
+  # a run's wall is its own clock: the last train/elapsed_s of its metrics.jsonl
+  for run, suite in suites.items():
+    with open(tmp_path / "runs" / run / "metrics.jsonl") as f:
+      clock = [json.loads(l)["train/elapsed_s"] for l in f if "train/elapsed_s" in l]
+    assert suite["wall_s"] == clock[-1] > 0
   # a finished run is reused, not trained again: suites untouched, the same table rows
   mtimes = {r: os.path.getmtime(tmp_path / "runs" / r / "suite.json") for r in suites}
   again = compare.compare(cfg)
@@ -58,3 +63,19 @@ def test_method_config_sets_the_matched_budget_and_schedule():
   diffenc = compare.method_config(compare_config.get_config(), "diffenc", seed=0)
   assert (diffenc.train.num_steps, diffenc.train.lr_schedule) == (1500, "constant")
   assert diffenc.train.weight_decay == 0.0
+
+
+def test_recipe_mode_keeps_each_methods_own_config():
+  """num_steps = 0: every method trains as `python main.py --config configs/<name>.py` would,
+  but for the seed; seed_list picks the seeds."""
+  from configs import mnist, mnist_diffdec
+  cfg = compare_config.get_config()
+  cfg.num_steps = 0
+  for method, module in (("diffenc", mnist), ("diffenc_diffdec", mnist_diffdec)):
+    config = compare.method_config(cfg, method, seed=2)
+    own = module.get_config()
+    own.seed = 2
+    assert config.to_dict() == own.to_dict()
+  assert compare.seeds(cfg) == [0, 1, 2]
+  cfg.seed_list = "1, 2"
+  assert compare.seeds(cfg) == [1, 2]

@@ -137,6 +137,13 @@ def test_resume_is_bitwise(tmp_path, straight_run):
   assert int(resumed.step) == int(straight.step) == 4
   for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
     np.testing.assert_array_equal(a, b)
+  # the run's clock (train/elapsed_s) carries on from where the first process stopped
+  lines = [json.loads(l) for l in open(os.path.join(tmp_path, "metrics.jsonl"))]
+  clock = [(l["step"], l["train/elapsed_s"]) for l in lines if "train/elapsed_s" in l]
+  assert [s for s, _ in clock] == [2, 4]
+  assert 0 < clock[0][1] < clock[1][1]
+  assert train.previous_elapsed(os.path.join(tmp_path, "metrics.jsonl"), 2) == clock[0][1]
+  assert train.previous_elapsed(os.path.join(tmp_path, "metrics.jsonl"), 0) == 0.0
   # and training moved every network away from its initialisation
   init = jax.device_get(train.Trainer(tiny_config(), str(tmp_path / "x")).fresh_state())
   for net in ("encoder", "decoder"):

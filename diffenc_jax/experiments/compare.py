@@ -3,6 +3,10 @@ r"""Trains every method at matched latent size and budget and writes the results
     python -m diffenc_jax.experiments.compare --config configs/compare.py \
         [--config.seeds=3 --config.num_steps=1500]
 
+`--config.num_steps=0` trains every method by its own recipe instead (its config's rounds,
+learning-rate schedule and weight decay, as `python main.py --config configs/<name>.py` does);
+the table then gives each method's rounds and wall time.
+
 writes `config.results` (markdown: method × held-out PSNR, rate, probe accuracy, classifier
 Fréchet distances, rounds, wall time; mean ± std over seeds) and `config.rd_plot` (held-out
 PSNR against rate for diffenc and vae over a sweep of β). Each run lives in
@@ -32,6 +36,7 @@ COLUMNS = (
     ("recon. acc.", "recon_acc", "{:.3f}"),
     ("recon. FD", "recon_fd", "{:.2f}"),
     ("sample FD", "sample_fd", "{:.2f}"),
+    ("rounds", "steps", "{:.0f}"),
     ("wall (s)", "wall_s", "{:.0f}"),
 )
 
@@ -40,18 +45,26 @@ def split(csv: str) -> list[str]:
   return [s.strip() for s in csv.split(",") if s.strip()]
 
 
+def seeds(cfg) -> list[int]:
+  """The seeds of the table: `seed_list` where given, else 0 … seeds − 1."""
+  return [int(s) for s in split(cfg.seed_list)] if cfg.seed_list else list(range(cfg.seeds))
+
+
 def method_config(cfg, method: str, seed: int, beta: float | None = None):
-  """The training config of one run: the method's own config at the matched budget."""
+  """The training config of one run: the method's own config at the matched budget, or its own
+  recipe unchanged (but for the seed and β) when `cfg.num_steps` is 0."""
   config = importlib.import_module(cfg.method_configs[method]).get_config()
   config.seed = seed
+  if beta is not None:
+    config.em.beta = beta
+  if cfg.num_steps == 0:
+    return config
   config.train.num_steps = cfg.num_steps
   config.train.lr_schedule = cfg.lr_schedule
   config.train.weight_decay = cfg.weight_decay
   config.train.eval_every = cfg.num_steps
   config.train.checkpoint_every = cfg.num_steps
   config.train.log_every = max(1, cfg.num_steps // 10)
-  if beta is not None:
-    config.em.beta = beta
   return config
 
 
@@ -69,10 +82,13 @@ def run(cfg, method: str, seed: int, beta: float | None, classifier, config=None
     with open(path) as f:
       return json.load(f)
   config = config or method_config(cfg, method, seed, beta)
-  print(f"--- {name} seed {seed}: {cfg.num_steps} rounds in {workdir}", flush=True)
+  print(f"--- {name} seed {seed}: {config.train.num_steps} rounds in {workdir}", flush=True)
   start = time.time()
   train.train_and_evaluate(config, workdir)
-  wall = time.time() - start
+  # the run's own clock where it has one (it adds up the processes that resumed it, and a run
+  # trained beforehand by main.py in workdir keeps its wall time); else this call's
+  wall = train.previous_elapsed(os.path.join(workdir, "metrics.jsonl"), config.train.num_steps)
+  wall = wall or time.time() - start
   trainer = train.Trainer(config, workdir)
   state = trainer.restore_or_init(require=True)
   suite = evaluate.comparison_metrics(config, trainer.method, state, classifier)
@@ -143,7 +159,7 @@ def compare(cfg) -> str:
   classifier = metrics.load_or_train_classifier(
       data_config, os.path.join(cfg.workdir, "classifier"),
       steps=cfg.classifier_steps or metrics.DEFAULT_CLASSIFIER_STEPS)
-  results = {m: [run(cfg, m, s, None, classifier) for s in range(cfg.seeds)] for m in methods}
+  results = {m: [run(cfg, m, s, None, classifier) for s in seeds(cfg)] for m in methods}
   sweep = {}
   for m in split(cfg.rd_methods):
     betas = [float(b) for b in split(cfg.rd_betas)]
@@ -151,10 +167,19 @@ def compare(cfg) -> str:
                 for b in betas]
   for path in (cfg.results, cfg.rd_plot):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  rd_plot(cfg, sweep, cfg.rd_plot)
   rd_rows = "\n".join(
       f"| `{m}` | {r['beta']:g} | {r['psnr_z0']:.2f} | {r['rate_nats']:.1f} | "
       f"{r['probe_acc']:.3f} |" for m, runs in sweep.items() for r in runs)
+  rd_text = ""
+  if sweep:
+    rd_plot(cfg, sweep, cfg.rd_plot)
+    rd_text = f"""
+## Rate–distortion (seed 0): `{os.path.basename(cfg.rd_plot)}`
+
+| method | β | PSNR z⁰ (dB) | rate (nats) | probe acc. |
+|---|---|---|---|---|
+{rd_rows}
+"""
   every_run = [r for runs in results.values() for r in runs]
   every_run += [r for runs in sweep.values() for r in runs]
   device = " and ".join(sorted({r.get("device", "an unrecorded device") for r in every_run}))
@@ -162,15 +187,25 @@ def compare(cfg) -> str:
   # weight decay only when set, so tables made before the field existed render unchanged
   wd_flag = f" --config.weight_decay={cfg.weight_decay:g}" if cfg.weight_decay else ""
   wd_text = f" with AdamW weight decay {cfg.weight_decay:g}" if cfg.weight_decay else ""
+  seed_flag = (f"--config.seed_list={cfg.seed_list}" if cfg.seed_list
+               else f"--config.seeds={cfg.seeds}")
+  seed_text = ", ".join(str(s) for s in seeds(cfg))
+  command = (f"python -m diffenc_jax.experiments.compare --config configs/compare.py "
+             f"--config.methods={cfg.methods}\n{seed_flag} --config.num_steps={cfg.num_steps} "
+             f"--config.rd_methods={cfg.rd_methods}")
+  if cfg.num_steps:
+    command += f"\n--config.rd_betas={cfg.rd_betas} --config.lr_schedule={cfg.lr_schedule}{wd_flag}"
+    budget = (f"{cfg.num_steps} training rounds at a {cfg.lr_schedule} learning rate{wd_text}")
+  else:
+    budget = ("its own recipe (`configs/<name>.py` as `python main.py` trains it: its rounds, "
+              "learning-rate schedule and weight decay; the rounds column)")
   text = f"""# Method comparison on mnist5k (held-out)
 
 Generated by
-`python -m diffenc_jax.experiments.compare --config configs/compare.py --config.methods={cfg.methods}
---config.seeds={cfg.seeds} --config.num_steps={cfg.num_steps} --config.rd_methods={cfg.rd_methods}
---config.rd_betas={cfg.rd_betas} --config.lr_schedule={cfg.lr_schedule}{wd_flag}`. Every method: latent_dim
-16, batch 128, {cfg.num_steps} training rounds at a {cfg.lr_schedule} learning rate{wd_text}, trained on
+`{command}`. Every method: latent_dim
+16, batch 128, {budget}, trained on
 the 4,500 training digits and evaluated on the 500 held-out ones; mean ± std over seeds
-0…{cfg.seeds - 1}.
+{seed_text}.
 
 - PSNR: 10 log10(1/MSE) with pixels in [0, 1], from the encoder's own code z⁰ and (diffenc) after
   Langevin refinement z^K; for the diffusion decoders (diffae, dmz) the decode is a DDIM sample.
@@ -180,16 +215,12 @@ the 4,500 training digits and evaluated on the 500 held-out ones; mean ± std ov
   on held-out reconstructions. recon./sample FD: Fréchet distance in that classifier's 128
   penultimate features between the held-out images and their reconstructions / 500 samples
   from the prior. **Not Inception FID**: comparable only within this table.
-- wall: seconds of training on {device}, including compilation and one evaluation.
+- wall: seconds of training on {device}, from the first round (its compilation included) to the
+  last, with the evaluations in between: the run's own clock (`train/elapsed_s` in its
+  metrics.jsonl).
 {note}
 {results_table(cfg, results)}
-
-## Rate–distortion (seed 0): `{os.path.basename(cfg.rd_plot)}`
-
-| method | β | PSNR z⁰ (dB) | rate (nats) | probe acc. |
-|---|---|---|---|---|
-{rd_rows}
-"""
+{rd_text}"""
   with open(cfg.results, "w") as f:
     f.write(text)
   return text
