@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from diffenc_jax import decoders, em, methods, models, samplers, schedules
+from diffenc_jax import decoders, em, evaluate, methods, models, samplers, schedules
 from diffenc_jax.models import dit
 
 SCHED = schedules.CosineSchedule()
@@ -269,3 +269,44 @@ def test_diffusion_decoder_e_step_runs_on_the_estimator(step_rule, mala):
   assert float(info.move_norm) > 0 and np.isfinite(float(info.move_norm))
   assert 0.0 <= float(info.accept_rate) <= 1.0
   assert float(jnp.max(jnp.abs(lat["zK"] - lat["z0"]))) > 0
+
+
+@pytest.mark.parametrize("decoder", ["gaussian", "diffusion"])
+def test_chain_check_scores_z0_and_zK_under_one_estimate(decoder):
+  """evaluate.chain_check: with no chain steps z^K = z⁰, so every change is exactly 0 — for
+  the diffusion decoder only if z⁰ and z^K see the same ELBO draws; the score norm is that of
+  U = NLL/β + ½‖z‖² computed here independently; methods without an E-step are refused."""
+  config = tiny.get_config()
+  config.model.decoder, config.model.denoiser = decoder, "dit"
+  config.model.dit_patch_size, config.model.dit_width, config.model.dit_depth = 4, 16, 1
+  config.em.beta = 4.0
+  config.em.langevin.step_rule, config.em.langevin.mala = "snr", False
+  m = methods.get_method(config, (8, 8, 1))
+  params = jax.jit(m.init_state)(jax.random.key(0)).params
+  # away from the zero-initialised outputs, so that z⁰ and the decoder's NLL depend on things
+  leaves, tree = jax.tree.flatten(params)
+  params = jax.tree.unflatten(tree, [p + 0.3 * jax.random.normal(jax.random.key(i), p.shape)
+                                     for i, p in enumerate(leaves)])
+  x = np.asarray(jax.random.uniform(jax.random.key(2), (6, 8, 8, 1), minval=-1.0))
+  key = jax.random.key(3)
+  still = evaluate.chain_check(config, m, params, x, key, draws=4, num_steps=0)
+  for k in ("nll_change", "share_better", "energy_change", "gap", "step_size"):
+    assert still[k] == 0.0, (k, still[k])
+  moved = evaluate.chain_check(config, m, params, x, key, draws=4)
+  assert moved["gap"] > 0 and moved["step_size"] > 0
+  np.testing.assert_allclose(moved["nll_z0"], still["nll_z0"], rtol=1e-5)  # the same z⁰
+  np.testing.assert_allclose(moved["nll_zK"] - moved["nll_z0"], moved["nll_change"],
+                             rtol=1e-4, atol=1e-3)
+  # the score at z⁰, independently: z⁰ as chain_check draws it, U with the same draws
+  z0 = m.latents(params, x, jax.random.fold_in(key, 0), 0)["z0"]  # batch 0's key
+  if decoder == "diffusion":
+    nll = lambda z: m.decoder.nll(params["decoder"], x, z, jax.random.key(1), num_samples=4)
+  else:
+    nll = lambda z: m.decoder.nll(params["decoder"], x, z)
+  grad = jax.grad(lambda z: jnp.sum(nll(z) / 4.0 + 0.5 * jnp.sum(z**2, -1)))(z0)
+  assert float(jnp.mean(jnp.sum(grad**2, -1))) > 1.0
+  np.testing.assert_allclose(still["score_norm"], float(jnp.mean(jnp.linalg.norm(grad, axis=-1))),
+                             rtol=1e-4)
+  config.method = "diffae"
+  with pytest.raises(ValueError, match="no E-step chain"):
+    evaluate.chain_check(config, methods.get_method(config, (8, 8, 1)), params, x, key)
