@@ -10,7 +10,7 @@ every part alike; on a host shared with other work the figures are still only in
 `mnist` (configs/mnist.py, diffenc with the gaussian decoder; 28×28×1, batch 128): the encoder's
 latent DDIM sampling of z⁰ (`DiffusionEncoder.encode`, of which the image features), the
 Gauss-Newton precision of the E-step (the decoder's `precision_fn`: one `jacfwd`; then the
-`eigh` that factors it), the Langevin/MALA chain (`em.posterior_sample`, which computes the
+`spd_factor` that factors it), the Langevin/MALA chain (`em.posterior_sample`, which computes the
 precision once), the encoder update (value_and_grad of `encoder_loss` over
 em.encoder_noise_draws draws + Adam + EMA), the latent prior's step (`prior_step`, when
 em.latent_prior is set) and the em.m_updates M-steps (`m_step`).
@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from diffenc_jax import em, methods, schedules
+from diffenc_jax import em, methods, samplers, schedules
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
 
@@ -151,8 +151,8 @@ def diffenc_parts(method, state, xs: jax.Array) -> list[Part]:
                                      prior_precision=1.0 + config.em.prox_weight)
     return fn(z)
 
-  def eigh(h):
-    return jnp.linalg.eigh(0.5 * (h + jnp.swapaxes(h, -1, -2)))
+  def factor(h):
+    return samplers.spd_factor(0.5 * (h + jnp.swapaxes(h, -1, -2)))
 
   # the parts' inputs, from the parts' own (memoised) programs
   z0 = run(encode, enc, x)
@@ -180,7 +180,7 @@ def diffenc_parts(method, state, xs: jax.Array) -> list[Part]:
            lambda p, x: method.encoder.apply(p, x, method="features"), (enc, x)),
       Part("Langevin/MALA chain (posterior_sample)", False, chain, (params, x, z0)),
       Part("Gauss-Newton precision (jacfwd)", True, precision, (dec, x, z0)),
-      Part("eigh of the precision", True, eigh, (h,)),
+      Part("factor of the precision", True, factor, (h,)),
       Part("encoder update (grad + Adam + EMA)", False, encoder_update, (state, x, zk)),
   ]
   if method.prior is not None:

@@ -144,6 +144,43 @@ def gauss_newton_precision(
   return jax.vmap(one)
 
 
+def spd_factor(h: Array, floor: float = 1e-6) -> tuple[Array, Array]:
+  """(L, L⁻¹) of symmetric positive-definite matrices h (..., d, d), h = L Lᵀ, L lower.
+
+  Cholesky-Crout and forward substitution written in jax.numpy (two `fori_loop`s of d
+  batched O(d²) steps), not LAPACK: on a CPU with several devices jaxlib's batched LAPACK
+  kernels (eigh, potrf) fan each batch out over the XLA thread pool from inside it, and with
+  as many devices as cores every pool thread waits on work queued behind it (measured: a
+  2-device run of configs/mnist.py hung in its first round). Pivots are floored at `floor` ×
+  the largest diagonal entry: a guard for H = JᵀJ/(σ²β) + I growing ill-conditioned in
+  float32 as the decoder sharpens (the floored L Lᵀ then differs from h only there).
+  """
+  d = h.shape[-1]
+  eye = jnp.eye(d, dtype=h.dtype)
+  lowest = floor * jnp.max(jnp.diagonal(h, axis1=-2, axis2=-1), -1)
+
+  def column(j, chol):
+    e = eye[j]
+    row = jnp.einsum("...jk,j->...k", chol, e)  # row j: its k < j part
+    pivot = jnp.einsum("...ij,i,j->...", h, e, e) - jnp.sum(jnp.square(row), -1)
+    diag = jnp.sqrt(jnp.maximum(pivot, lowest))
+    below = (jnp.einsum("...ij,j->...i", h, e) - jnp.einsum("...ik,...k->...i", chol, row))
+    below = below / diag[..., None] * (jnp.arange(d) > j)
+    return chol + (below + diag[..., None] * e)[..., :, None] * e
+
+  chol = jax.lax.fori_loop(0, d, column, jnp.zeros_like(h))
+
+  def row(i, inv):
+    e = eye[i]
+    l_row = jnp.einsum("...ik,i->...k", chol, e)  # row i of L: its k < i part meets rows < i
+    l_ii = jnp.einsum("...k,k->...", l_row, e)
+    new = (e - jnp.einsum("...k,...kj->...j", l_row * (1.0 - e), inv)) / l_ii[..., None]
+    return inv + e[:, None] * new[..., None, :]
+
+  inv = jax.lax.fori_loop(0, d, row, jnp.zeros_like(h))
+  return chol, inv
+
+
 def langevin_posterior(
     log_density_fn: Callable[[Array], Array],
     z_init: Array,
@@ -207,16 +244,12 @@ def langevin_posterior(
     return lp, g
 
   def factor(z):
-    """(H, A, ½ log|H|) with Aᵀ A = H⁻¹, from an eigendecomposition H = Q Λ Qᵀ, A = Λ^{−½} Qᵀ.
-    eigh rather than Cholesky, with eigenvalues floored at 1e-6 of the largest: a guard for
-    H = JᵀJ/(σ²β) + I growing ill-conditioned in float32 as the decoder sharpens. Every later
-    use is a batched mat-vec."""
+    """(H, A, ½ log|H|) with Aᵀ A = H⁻¹: H = L Lᵀ by `spd_factor`, A = L⁻¹. Every later use
+    is a batched mat-vec."""
     h = precision_fn(z)
     h = 0.5 * (h + jnp.swapaxes(h, -1, -2))
-    lam, q = jnp.linalg.eigh(h)
-    lam = jnp.maximum(lam, 1e-6 * jnp.max(lam, -1, keepdims=True))
-    a = jnp.swapaxes(q, -1, -2) / jnp.sqrt(lam)[..., None]
-    return h, a, 0.5 * jnp.sum(jnp.log(lam), -1)
+    chol, inv = spd_factor(h)
+    return h, inv, jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), -1)
 
   def evaluate(z, pre):
     """Everything the proposal needs at z: log π, its gradient, and the preconditioner

@@ -16,7 +16,7 @@ BENCHMARKS = os.path.join(ROOT, "benchmarks")
 PARTS = {
     "mnist": ["encoder: z⁰ by latent DDIM (encode)", "· encoder features h(x)",
               "Langevin/MALA chain (posterior_sample)", "· Gauss-Newton precision (jacfwd)",
-              "· eigh of the precision", "encoder update (grad + Adam + EMA)",
+              "· factor of the precision", "encoder update (grad + Adam + EMA)",
               "latent prior step", "M-steps (×2)", "whole round"],
     "diffae64": ["encoder forward + backward", "· encoder forward",
                  "U-Net forward + backward (decoder loss)", "· U-Net forward",

@@ -177,3 +177,70 @@ def test_gauss_newton_mala_exact_on_nonlinear_decoder(refresh):
       precision_fn=precision_fn, refresh_precision=refresh, mala=True))(jax.random.key(7))
   assert 0.2 < float(info.accept_rate) < 0.999
   assert_moments(z, mean, cov)
+
+
+def test_spd_factor_matches_float64_cholesky_and_floors_singular_matrices():
+  """L and L⁻¹ of `spd_factor` (the Gauss-Newton chain's factor) against float64 LAPACK; on a
+  rank-deficient matrix the floored pivots keep both finite and L Lᵀ within the floor of h."""
+  rng = np.random.default_rng(0)
+  a = rng.normal(size=(32, 16, 16))
+  h = (a @ a.transpose(0, 2, 1) / 16 + np.eye(16)).astype(np.float32)
+  chol, inv = jax.jit(samplers.spd_factor)(h)
+  want = np.linalg.cholesky(h.astype(np.float64))
+  np.testing.assert_allclose(chol, want, atol=2e-5)
+  np.testing.assert_allclose(inv, np.linalg.inv(want), atol=2e-5)
+  assert np.all(np.triu(np.asarray(chol), 1) == 0) and np.all(np.triu(np.asarray(inv), 1) == 0)
+  # rank 3 in 16 dimensions: eleven pivots hit the floor (1e-6 × the largest diagonal entry)
+  b = rng.normal(size=(4, 16, 3)).astype(np.float32)
+  h = b @ b.transpose(0, 2, 1)
+  chol, inv = jax.jit(samplers.spd_factor)(h)
+  assert np.all(np.isfinite(np.asarray(inv)))
+  floor = 1e-6 * np.max(np.diagonal(h, axis1=1, axis2=2), -1)
+  recon = np.einsum("bij,bkj->bik", np.asarray(chol, np.float64), np.asarray(chol, np.float64))
+  np.testing.assert_allclose(recon, h, atol=1e-4 * np.abs(h).max())
+  assert np.all(np.diagonal(np.asarray(chol), axis1=1, axis2=2) ** 2 >= 0.99 * floor[:, None])
+
+
+_TWO_DEVICE_CHAIN = r"""
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from diffenc_jax import samplers
+keys = jax.random.split(jax.random.key(0), 5)
+w1 = jax.random.normal(keys[0], (16, 1024)) / 4
+w2 = jax.random.normal(keys[1], (1024, 1024)) / 32
+w3 = jax.random.normal(keys[4], (1024, 784)) / 32
+mean_fn = lambda z: jnp.tanh(jnp.tanh(z @ w1) @ w2) @ w3
+x = mean_fn(jax.random.normal(keys[2], (128, 16)))
+log_density = lambda z: -0.5 * jnp.sum(z**2, -1) - jnp.sum((x - mean_fn(z))**2, -1) / 0.02
+chain = lambda z, k: samplers.langevin_posterior(
+    log_density, z, k, num_steps=8, step_size=0.5, step_rule="gauss_newton", mala=True,
+    precision_fn=samplers.gauss_newton_precision(mean_fn, sigma=0.1), refresh_precision=True)[0]
+z0 = jax.random.normal(keys[3], (128, 16))
+mesh = jax.make_mesh((jax.device_count(),), ("data",))
+batch = NamedSharding(mesh, P("data"))
+run = jax.jit(chain, in_shardings=(batch, None), out_shardings=batch)
+z = jax.device_put(z0, batch)
+for i in range(4):  # 36 factorisations: the hang is a race; with eigh this hung 3 times in 3
+  z = run(z, jax.random.key(i))
+np.save(OUT, np.asarray(z))
+"""
+
+
+def test_gauss_newton_chain_runs_on_as_many_cpu_devices_as_cores(tmp_path):
+  """A batch-sharded Gauss-Newton MALA chain over 2 CPU devices on 2 XLA threads finishes, with
+  the 1-device result. jaxlib's batched LAPACK eigh hung here (its kernel waits, from inside
+  the XLA thread pool, on work it queued there), the failure `spd_factor` exists to avoid."""
+  import os
+  import subprocess
+  import sys
+  results = []
+  for n in (1, 2):
+    out = str(tmp_path / f"z{n}.npy")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"}
+    # two cores, so two XLA threads, whatever the host: as many devices as cores hung
+    cores = sorted(os.sched_getaffinity(0))[:2]
+    subprocess.run([sys.executable, "-c", f"OUT = {out!r}\n" + _TWO_DEVICE_CHAIN], env=env,
+                   check=True, timeout=240, preexec_fn=lambda: os.sched_setaffinity(0, cores))
+    results.append(np.load(out))
+  np.testing.assert_allclose(results[1], results[0], rtol=1e-4, atol=1e-5)
