@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -168,6 +169,14 @@ def probe_accuracy(config, method, params, test_z: np.ndarray, test_y: np.ndarra
   return metrics.linear_probe_accuracy(train_z, train_y, test_z, test_y)
 
 
+def in_batches(fn: Callable, arrays: np.ndarray, batch_size: int, key: jax.Array,
+               *args) -> list:
+  """[device_get(fn(arrays[i:i + batch_size], fold_in(key, i), *args)) for each batch start i]:
+  the held-out loops' one pattern, each batch's key a pure function of its position."""
+  return [jax.device_get(fn(arrays[i:i + batch_size], jax.random.fold_in(key, i), *args))
+          for i in range(0, len(arrays), batch_size)]
+
+
 def rate_curve(config, method, params, images: np.ndarray, floors, key: jax.Array
                ) -> dict[str, np.ndarray]:
   """The diffusion-KL rate as a function of the log-SNR floor it integrates from.
@@ -196,11 +205,11 @@ def rate_curve(config, method, params, images: np.ndarray, floors, key: jax.Arra
     point = 0.5 * jnp.sum((1.0 - var) * jnp.square(z0) + var - 1.0 - jnp.log(var), -1)
     return jnp.sum(rate), jnp.sum(point)
 
-  b, n = config.eval.batch_size, len(images)
+  n = len(images)
   rates, points = [], []
   for floor in floors:
-    sums = [jax.device_get(batch(params, images[i:i + b], jax.random.fold_in(key, i),
-                                 jnp.float32(floor))) for i in range(0, n, b)]
+    sums = in_batches(lambda x, k, f: batch(params, x, k, f), images, config.eval.batch_size,
+                      key, jnp.float32(floor))
     rates.append(sum(float(s[0]) for s in sums) / n)
     points.append(sum(float(s[1]) for s in sums) / n)
   return {"floor": np.array(floors), "rate_nats": np.array(rates),
@@ -241,22 +250,23 @@ def chain_check(config, method, params, images: np.ndarray, key: jax.Array,
     return decoder.nll(dec_params, x, z)
 
   @jax.jit
-  def batch(params, x, key):
+  def batch(x, key):
     lat = method.latents(params, x, key, num_steps)
     z0, zk = lat["z0"], lat["zK"]
-    energy = lambda z: nll(params["decoder"], x, z) / beta + 0.5 * jnp.sum(z**2, -1)
-    n0, nk = nll(params["decoder"], x, z0), nll(params["decoder"], x, zk)
-    grad = jax.grad(lambda z: jnp.sum(energy(z)))(z0)
+    # NLL(z⁰) and its gradient from one pass: ∇U = ∇NLL/β + z⁰
+    n0, pullback = jax.vjp(lambda z: nll(params["decoder"], x, z), z0)
+    grad = pullback(jnp.ones_like(n0))[0] / beta + z0
+    nk = nll(params["decoder"], x, zk)
     step = lat["info"].step_size if lat["info"] is not None else jnp.float32(0.0)
     return {"nll_z0": n0, "nll_zK": nk, "nll_change": nk - n0,
             "share_better": (nk < n0).astype(jnp.float32),
-            "energy_change": energy(zk) - energy(z0), "gap": jnp.sum((zk - z0) ** 2, -1),
+            "energy_change": (nk - n0) / beta + 0.5 * jnp.sum(zk**2 - z0**2, -1),
+            "gap": jnp.sum((zk - z0) ** 2, -1),
             "score_norm": jnp.sqrt(jnp.sum(grad**2, -1)),
             "step_size": jnp.broadcast_to(step, n0.shape)}
 
   b = batch_size or max(1, min(config.eval.batch_size, 4096 // draws))
-  out = [jax.device_get(batch(params, images[i:i + b], jax.random.fold_in(key, i)))
-         for i in range(0, len(images), b)]
+  out = in_batches(batch, images, b, key)
   return {k: float(np.mean(np.concatenate([o[k] for o in out]))) for k in out[0]}
 
 
@@ -277,9 +287,7 @@ def split_latents(config, method, params, images: np.ndarray, key: jax.Array,
     lat = method.latents(params, x, key, config.em.eval_refine_steps if refine else 0)
     return lat["z0"], lat["zK"]
 
-  b = config.eval.batch_size
-  out = [jax.device_get(encode(images[i:i + b], jax.random.fold_in(key, i)))
-         for i in range(0, len(images), b)]
+  out = in_batches(encode, images, config.eval.batch_size, key)
   return np.concatenate([o[0] for o in out]), np.concatenate([o[1] for o in out])
 
 
@@ -314,9 +322,7 @@ def generate(method, params, n: int, key: jax.Array, batch_size: int) -> np.ndar
 def decode_all(config, method, params, z: np.ndarray, key: jax.Array) -> np.ndarray:
   """Decodes latents (N, d) in batches of eval.batch_size (`decode_images`)."""
   decode = jax.jit(lambda z, key: decode_images(method, params["decoder"], z, key))
-  b = config.eval.batch_size
-  return np.concatenate([jax.device_get(decode(z[i:i + b], jax.random.fold_in(key, i)))
-                         for i in range(0, len(z), b)])
+  return np.concatenate(in_batches(decode, z, config.eval.batch_size, key))
 
 
 def comparison_metrics(config, method, state, classifier_params=None) -> dict[str, float]:

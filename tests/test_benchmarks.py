@@ -1,6 +1,6 @@
 """The benchmark scripts run: breakdown.py prints every part of a round, timed and positive, at
-tiny size; vs_reference.py says in one line what is missing (no torch, no reference checkout)
-and exits with status 2."""
+tiny size; vs_reference.py and conv.py --torch say in one line what is missing (no torch, no
+reference checkout) and exit with status 2."""
 
 import importlib.util
 import os
@@ -85,3 +85,13 @@ def test_vs_reference_without_torch(tmp_path, capsys, monkeypatch):
   out = capsys.readouterr().out.strip()
   assert len(out.splitlines()) == 1 and "PyTorch is not installed" in out
   assert "[reference]" in out
+
+
+def test_conv_torch_column_without_torch(capsys, monkeypatch):
+  monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
+  module = load("conv")
+  with pytest.raises(SystemExit) as exit_:
+    module.main(["--torch", "--configs", ""])
+  assert exit_.value.code == 2
+  out = capsys.readouterr().out.strip()
+  assert len(out.splitlines()) == 1 and "needs PyTorch" in out and "[reference]" in out
