@@ -169,12 +169,11 @@ def probe_accuracy(config, method, params, test_z: np.ndarray, test_y: np.ndarra
   return metrics.linear_probe_accuracy(train_z, train_y, test_z, test_y)
 
 
-def in_batches(fn: Callable, arrays: np.ndarray, batch_size: int, key: jax.Array,
-               *args) -> list:
-  """[device_get(fn(arrays[i:i + batch_size], fold_in(key, i), *args)) for each batch start i]:
-  the held-out loops' one pattern, each batch's key a pure function of its position."""
-  return [jax.device_get(fn(arrays[i:i + batch_size], jax.random.fold_in(key, i), *args))
-          for i in range(0, len(arrays), batch_size)]
+def in_batches(fn: Callable, inputs: np.ndarray, batch_size: int, key: jax.Array) -> list:
+  """[device_get(fn(inputs[i:i + batch_size], fold_in(key, i))) for each batch start i]: the
+  held-out loops' one pattern, each batch's key a pure function of its position."""
+  return [jax.device_get(fn(inputs[i:i + batch_size], jax.random.fold_in(key, i)))
+          for i in range(0, len(inputs), batch_size)]
 
 
 def rate_curve(config, method, params, images: np.ndarray, floors, key: jax.Array
@@ -208,8 +207,8 @@ def rate_curve(config, method, params, images: np.ndarray, floors, key: jax.Arra
   n = len(images)
   rates, points = [], []
   for floor in floors:
-    sums = in_batches(lambda x, k, f: batch(params, x, k, f), images, config.eval.batch_size,
-                      key, jnp.float32(floor))
+    sums = in_batches(lambda x, k, f=jnp.float32(floor): batch(params, x, k, f), images,
+                      config.eval.batch_size, key)
     rates.append(sum(float(s[0]) for s in sums) / n)
     points.append(sum(float(s[1]) for s in sums) / n)
   return {"floor": np.array(floors), "rate_nats": np.array(rates),
@@ -250,7 +249,7 @@ def chain_check(config, method, params, images: np.ndarray, key: jax.Array,
     return decoder.nll(dec_params, x, z)
 
   @jax.jit
-  def batch(x, key):
+  def batch(params, x, key):
     lat = method.latents(params, x, key, num_steps)
     z0, zk = lat["z0"], lat["zK"]
     # NLL(z⁰) and its gradient from one pass: ∇U = ∇NLL/β + z⁰
@@ -266,7 +265,7 @@ def chain_check(config, method, params, images: np.ndarray, key: jax.Array,
             "step_size": jnp.broadcast_to(step, n0.shape)}
 
   b = batch_size or max(1, min(config.eval.batch_size, 4096 // draws))
-  out = in_batches(batch, images, b, key)
+  out = in_batches(lambda x, k: batch(params, x, k), images, b, key)
   return {k: float(np.mean(np.concatenate([o[k] for o in out]))) for k in out[0]}
 
 

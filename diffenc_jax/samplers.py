@@ -148,10 +148,10 @@ def spd_factor(h: Array, floor: float = 1e-6) -> tuple[Array, Array]:
   """(L, L⁻¹) of symmetric positive-definite matrices h (..., d, d), h = L Lᵀ, L lower.
 
   Cholesky-Crout and forward substitution written in jax.numpy (two `fori_loop`s of d
-  batched O(d²) steps), not LAPACK: on a CPU with several devices jaxlib's batched LAPACK
-  kernels (eigh, potrf) fan each batch out over the XLA thread pool from inside it, and with
-  as many devices as cores every pool thread waits on work queued behind it (measured: a
-  2-device run of configs/mnist.py hung in its first round). Pivots are floored at `floor` ×
+  batched O(d²) steps), not LAPACK: on a CPU with several devices jaxlib's batched `eigh`
+  kernel fans each batch out over the XLA thread pool from inside it, and with as many devices
+  as cores every pool thread can wait on work queued behind it (measured: a 2-device run of
+  configs/mnist.py hung in its first round). Pivots are floored at `floor` ×
   the largest diagonal entry: a guard for H = JᵀJ/(σ²β) + I growing ill-conditioned in
   float32 as the decoder sharpens (the floored L Lᵀ then differs from h only there).
   """
