@@ -135,9 +135,15 @@ def get_config() -> ml_collections.ConfigDict:
   langevin.control_variate = False
   langevin.reference_samples = 8
   langevin.gn_levels = 4
+  # new (λ, ε) draws at every step instead of one set fixed along the chain (stochastic-gradient
+  # Langevin; diffusion decoder only; excludes mala)
+  langevin.fresh_draws = False
   # the gaussian warm-up's chain (em.gaussian_warmup_rounds): the gaussian decoder's recipe,
   # kept when a diffusion-decoder config changes em.langevin
   em.warm_langevin = ml_collections.ConfigDict(langevin.to_dict())
+  # persistent chains: > 0 keeps each training example's last z^K (this many slots, at least the
+  # train split's size) and continues its chain there at the next visit, outside any warm-up
+  em.chain_slots = 0
   em.eval_refine_steps = 10  # Langevin steps from z⁰ at evaluation time
   # fit a latent DDPM prior (diffae.prior_*) to the encoder's z⁰, one update per E-step, and
   # sample through it instead of N(0, I), which the codes' aggregate distribution need not match

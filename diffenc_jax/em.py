@@ -31,12 +31,15 @@ DECODERS = decoders.DECODERS
 
 class TrainState(flax.struct.PyTreeNode):
   """Everything that changes during training. `params`, `opt_state` and `ema` are dicts with
-  the keys 'encoder' and 'decoder'; `step` counts training rounds."""
+  the keys 'encoder' and 'decoder'; `step` counts training rounds. `chains`: with persistent
+  E-step chains (em.chain_slots) {"z": (S, d) each training example's last z^K, "visits": (S,)
+  how often its chain ran}, else None."""
 
   step: Array
   params: Any
   opt_state: Any
   ema: Any
+  chains: Any = None
 
   def eval_params(self, use_ema: bool):
     """The parameters to evaluate with: the EMA ones or the raw ones."""
@@ -162,23 +165,29 @@ class LatentDDPMPrior:
 
 def posterior_sample(config, decoder, dec_params, x: Array, z0: Array, key: Array,
                      num_steps: int | None = None, beta: float | Array | None = None,
-                     langevin=None) -> tuple[Array, samplers.LangevinInfo]:
+                     langevin=None, z_start: Array | None = None
+                     ) -> tuple[Array, samplers.LangevinInfo]:
   """The E-step's chain on any decoder of `diffenc_jax.decoders` (diffenc's z^K, and the VAE's
   refined mean): em.langevin.num_steps (or `num_steps`) Langevin steps from z⁰ on
   π_β(z|x) ∝ p(z) p_θ(x|z)^(1/β) exp(−½ λ_prox ‖z − z⁰‖²), with config.em.langevin's step
   rule, MALA and preconditioner (or those of `langevin`, e.g. em.warm_langevin); β =
-  config.em.beta unless given. No gradient reaches θ."""
+  config.em.beta unless given. The chain starts at z_start (a persistent chain's last state)
+  when given, else at z⁰; the proximal term always pulls to z⁰. No gradient reaches θ."""
   em = config.em
   lv = em.langevin if langevin is None else langevin
   beta = em.beta if beta is None else beta
   dec_params = jax.lax.stop_gradient(dec_params)
   k_nll, k_chain, k_pre = jax.random.split(key, 3)
+  z_start = z0 if z_start is None else jax.lax.stop_gradient(z_start)
   # the decoder's energy: exact for the gaussian decoder; for the diffusion decoder an ELBO
-  # estimate whose (t, ε) draws are fixed for the whole chain, so U is deterministic along it
-  nll = decoder.energy_fn(dec_params, x, k_nll, z0)
+  # estimate whose (t, ε) draws are fixed for the whole chain (U deterministic along it), or,
+  # with langevin.fresh_draws, drawn anew at every step (stochastic-gradient Langevin)
+  fresh = lv.get("fresh_draws", False) and decoder.kind == "diffusion"
+  nll = None if fresh else decoder.energy_fn(dec_params, x, k_nll, z_start)
 
-  def log_density(z):
-    log_p = -nll(z) / beta - 0.5 * jnp.sum(z**2, -1)
+  def log_density(z, k=None):
+    energy = decoder.energy_fn(dec_params, x, k, z_start)(z) if fresh else nll(z)
+    log_p = -energy / beta - 0.5 * jnp.sum(z**2, -1)
     if em.prox_weight:
       log_p -= 0.5 * em.prox_weight * jnp.sum((z - z0) ** 2, -1)
     return log_p
@@ -191,9 +200,10 @@ def posterior_sample(config, decoder, dec_params, x: Array, z0: Array, key: Arra
   # (benchmarks/langevin.py): on a CPU, a conv decoder's chain is unrolled
   unroll = True if decoder.convolutional and jax.default_backend() == "cpu" else 1
   return samplers.langevin_posterior(
-      log_density, z0, k_chain, num_steps=num_steps or lv.num_steps, step_size=lv.step_size,
+      log_density, z_start, k_chain, num_steps=num_steps or lv.num_steps, step_size=lv.step_size,
       step_rule=lv.step_rule, max_move=lv.max_move, snr=lv.snr, mala=lv.mala,
-      precision_fn=precision_fn, refresh_precision=lv.refresh_precision, unroll=unroll)
+      precision_fn=precision_fn, refresh_precision=lv.refresh_precision, unroll=unroll,
+      fresh_draws=fresh)
 
 
 class DiffusionEncoder:
@@ -229,6 +239,9 @@ class DiffusionEncoder:
     self.dec_opt = optimizer_for(config, config.train.dec_lr, em_.m_updates)
     # optional latent DDPM prior over z⁰, one update per E-step, for sample_latents
     self.prior = LatentDDPMPrior(config, self.schedule) if em_.latent_prior else None
+    # em.chain_slots > 0: persistent chains, one per training example (`TrainState.chains`)
+    self.chain_slots = em_.get("chain_slots", 0)
+    self.uses_example_index = bool(self.chain_slots)
 
   # --- parameters ----------------------------------------------------------------------
   def init_state(self, key: Array) -> TrainState:
@@ -247,8 +260,12 @@ class DiffusionEncoder:
       opt_state["prior"] = self.prior.optimizer.init(params["prior"])
       if self.prior.normalize:
         params["zstats"] = self.prior.init_stats()
+    chains = None
+    if self.chain_slots:
+      chains = {"z": jnp.zeros((self.chain_slots, self.latent_dim)),
+                "visits": jnp.zeros((self.chain_slots,), jnp.int32)}
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
-                      ema=jax.tree.map(jnp.copy, params))
+                      ema=jax.tree.map(jnp.copy, params), chains=chains)
 
   # --- encoder q_φ(z|x) ----------------------------------------------------------------
   def encoder_eps_fn(self, enc_params, h: Array):
@@ -319,7 +336,8 @@ class DiffusionEncoder:
   # --- E-step --------------------------------------------------------------------------
   def posterior_sample(self, params, x: Array, z0: Array, key: Array,
                        num_steps: int | None = None, beta: float | Array | None = None,
-                       warm: bool = False) -> tuple[Array, samplers.LangevinInfo]:
+                       warm: bool = False, z_start: Array | None = None
+                       ) -> tuple[Array, samplers.LangevinInfo]:
     """z^K: Langevin on π_β(z|x) ∝ p(z) p_θ(x|z)^(1/β) exp(−½ λ_prox ‖z − z⁰‖²) from z⁰;
     β = em.beta unless given (the E-step passes `schedules.beta_at` of its round).
     The module's `posterior_sample` on this method's decoder (warm=True: on the gaussian
@@ -329,28 +347,46 @@ class DiffusionEncoder:
                               key, num_steps or self.config.em.warm_langevin.num_steps, beta,
                               langevin=self.config.em.warm_langevin)
     return posterior_sample(self.config, self.decoder, params["decoder"], x, z0, key,
-                            num_steps, beta)
+                            num_steps, beta, z_start=z_start)
 
   def latents(self, params, x: Array, key: Array, num_steps: int | None = None,
-              beta: float | Array | None = None, warm: bool = False) -> dict[str, Array]:
-    """z⁰ from the encoder and z^K after `num_steps` Langevin steps from it (the E-step's
+              beta: float | Array | None = None, warm: bool = False,
+              resume: tuple[Array, Array] | None = None) -> dict[str, Array]:
+    """z⁰ from the encoder and z^K after `num_steps` Langevin steps (the E-step's
     em.langevin.num_steps by default; num_steps=0: z^K = z⁰ and no diagnostics) at temperature
-    β (em.beta by default), with the chain's diagnostics (warm=True: the chain on the gaussian
-    warm-up decoder). No gradients."""
+    β (em.beta by default) from z⁰, with the chain's diagnostics (warm=True: the chain on the
+    gaussian warm-up decoder). resume = (z_prev (B, d), seen (B,) bool): persistent chains,
+    which continue from z_prev where seen and start at z⁰ elsewhere. No gradients."""
     k_enc, k_chain = jax.random.split(key)
     z0 = jax.lax.stop_gradient(self.encode(params["encoder"], x, k_enc))
     if num_steps == 0:
       return {"z0": z0, "zK": z0, "info": None}
-    zk, info = self.posterior_sample(params, x, z0, k_chain, num_steps, beta, warm)
+    z_start = None
+    if resume is not None:
+      z_start = jnp.where(resume[1][:, None], jax.lax.stop_gradient(resume[0]), z0)
+    zk, info = self.posterior_sample(params, x, z0, k_chain, num_steps, beta, warm, z_start)
     return {"z0": z0, "zK": zk, "info": info}
 
-  def e_step(self, state: TrainState, x: Array, key: Array, warm: bool = False):
+  def e_step(self, state: TrainState, x: Array, key: Array, warm: bool = False,
+             index: Array | None = None):
     """One E-step on a batch x: returns (state, metrics, latents). warm=True: the chain runs
-    on the gaussian warm-up decoder (em.gaussian_warmup_rounds)."""
+    on the gaussian warm-up decoder (em.gaussian_warmup_rounds). index (B,): the examples'
+    train-split indices, for persistent chains (em.chain_slots): an example's chain continues
+    from its last z^K (outside the warm-up; its first visit starts at z⁰), and z^K is kept."""
     k_lat, k_enc = jax.random.split(key)
+    chains, resume = state.chains, None
+    if chains is not None:
+      slot = index % self.chain_slots
+      if not warm:
+        resume = (chains["z"][slot], chains["visits"][slot] > 0)
     lat = self.latents(state.params, x, k_lat, beta=schedules.beta_at(self.config.em, state.step),
-                       warm=warm)
+                       warm=warm, resume=resume)
     zk = lat["zK"]
+    chain_metrics = {}
+    if chains is not None:
+      chains = {"z": chains["z"].at[slot].set(zk), "visits": chains["visits"].at[slot].add(1)}
+      chain_metrics["chain_visits"] = jnp.mean(chains["visits"][slot].astype(jnp.float32))
+      state = state.replace(chains=chains)
 
     # a few updates at most: a trace-time loop, because XLA:CPU runs the conv trunk inside a
     # loop body (scan/while, even unrolled) about twice as slowly as at top level
@@ -373,7 +409,8 @@ class DiffusionEncoder:
     metrics = {"enc_loss": jnp.mean(jnp.stack(enc_losses)),
                "gap": jnp.mean(jnp.sum((zk - lat["z0"]) ** 2, -1)), "move": info.move_norm,
                "accept": info.accept_rate, "step_size": info.step_size,
-               "z0_norm2": jnp.mean(jnp.sum(lat["z0"] ** 2, -1)), **prior_metrics}
+               "z0_norm2": jnp.mean(jnp.sum(lat["z0"] ** 2, -1)), **prior_metrics,
+               **chain_metrics}
     return state, metrics, {"z0": lat["z0"], "zK": zk}
 
   def prior_step(self, state: TrainState, z0: Array, key: Array):
@@ -433,15 +470,18 @@ class DiffusionEncoder:
     return state, {"dec_loss_zK": loss_k, "dec_loss_z0": jnp.asarray(loss_0), **metrics}
 
   # --- one round -----------------------------------------------------------------------
-  def em_round(self, state: TrainState, xs: Array, key: Array, warm: bool = False):
+  def em_round(self, state: TrainState, xs: Array, key: Array, warm: bool = False,
+               index: Array | None = None):
     """e_updates E-steps, one per batch of xs (E, B, ...), then m_updates M-steps reusing
     those batches' latents in turn. Returns (state, metrics); the step is not advanced.
-    warm=True: a round of the gaussian warm-up (em.gaussian_warmup_rounds)."""
+    warm=True: a round of the gaussian warm-up (em.gaussian_warmup_rounds). index (E, B):
+    the examples' train-split indices (persistent chains)."""
     # e_updates and m_updates are small config integers: trace-time loops (see e_step)
     num_e = xs.shape[0]
     e_metrics, lats = [], []
     for i in range(num_e):
-      state, metrics, lat = self.e_step(state, xs[i], jax.random.fold_in(key, i), warm)
+      state, metrics, lat = self.e_step(state, xs[i], jax.random.fold_in(key, i), warm,
+                                        None if index is None else index[i])
       e_metrics.append(metrics)
       lats.append(lat)
     m_metrics = []
@@ -482,30 +522,33 @@ class DiffusionEncoder:
                       "z0_norm2": jnp.mean(jnp.sum(jnp.square(z0), -1))})
     return state, _mean(metrics)
 
-  def train_round(self, state: TrainState, xs: Array, key: Array):
+  def train_round(self, state: TrainState, xs: Array, key: Array, index: Array | None = None):
     """One round: `em_round`; while state.step < em.gaussian_warmup_rounds its gaussian
     warm-up form (the E-step on the auxiliary gaussian decoder, both decoders updated on its
     latents), or `joint_round` while state.step < em.joint_warmup_rounds (one program,
-    `lax.cond`; the warm-up's metrics fill EM's keys it lacks with 0). Returns (state with
-    step + 1, metrics)."""
+    `lax.cond`; the warm-up's metrics fill EM's keys it lacks with 0). index (E, B): the
+    examples' train-split indices, needed with persistent chains (em.chain_slots). Returns
+    (state with step + 1, metrics)."""
+    if self.chain_slots and index is None:
+      raise ValueError("em.chain_slots > 0: train_round needs the examples' index (E, B)")
     if self.warm_decoder is not None:
       state, metrics = jax.lax.cond(
           state.step < self.config.em.gaussian_warmup_rounds,
-          lambda s: self.em_round(s, xs, key, warm=True), lambda s: self.em_round(s, xs, key),
-          state)
+          lambda s: self.em_round(s, xs, key, warm=True, index=index),
+          lambda s: self.em_round(s, xs, key, index=index), state)
       return state.replace(step=state.step + 1), metrics
     warmup = self.config.em.joint_warmup_rounds
     if not warmup:
-      state, metrics = self.em_round(state, xs, key)
+      state, metrics = self.em_round(state, xs, key, index=index)
       return state.replace(step=state.step + 1), metrics
-    em_metrics = jax.eval_shape(self.em_round, state, xs, key)[1]
+    em_metrics = jax.eval_shape(lambda s: self.em_round(s, xs, key, index=index), state)[1]
 
     def joint(state):
       state, metrics = self.joint_round(state, xs, key)
       return state, {k: metrics.get(k, jnp.zeros(v.shape, v.dtype)) for k, v in em_metrics.items()}
 
     state, metrics = jax.lax.cond(state.step < warmup, joint,
-                                  lambda s: self.em_round(s, xs, key), state)
+                                  lambda s: self.em_round(s, xs, key, index=index), state)
     return state.replace(step=state.step + 1), metrics
 
 

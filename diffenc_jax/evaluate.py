@@ -215,60 +215,6 @@ def rate_curve(config, method, params, images: np.ndarray, floors, key: jax.Arra
           "point_mass_nats": np.array(points)}
 
 
-def chain_check(config, method, params, images: np.ndarray, key: jax.Array,
-                draws: int = 64, num_steps: int | None = None,
-                batch_size: int | None = None) -> dict[str, float]:
-  """Does the E-step's chain move the encoder's z⁰ towards the decoder's posterior?
-
-  For each image: z⁰ from the encoder and z^K after the E-step's chain (em.langevin, its
-  num_steps unless given, β = em.beta), then, under an estimate of the decoder's NLL that the
-  chain did not see (exact for the gaussian decoder; for a diffusion decoder the ELBO bound with
-  `draws` stratified draws, the same draws for z⁰ and z^K):
-    nll_z0, nll_zK   the mean NLL of z⁰ and of z^K (nats);
-    nll_change       mean NLL(z^K) − NLL(z⁰): negative when the chain improves the code;
-    share_better     the share of images whose z^K has the lower NLL;
-    energy_change    the same for U(z) = NLL/β + ½‖z‖², the chain's target (prox term aside);
-    gap              E‖z^K − z⁰‖² (the training metric);
-    score_norm       E‖∇U(z⁰)‖, U under the same estimate: how far z⁰ is from a mode of the
-                     posterior, whatever the chain's step rule (under the `snr` rule the step
-                     grows as the gradient shrinks, so the gap alone cannot say it);
-    step_size        the chain's mean step.
-  Images go through in batches of `batch_size` (default: eval.batch_size, at most 4096 // draws:
-  the gradient of a `draws`-sample ELBO holds batch × draws denoiser passes in memory).
-  Methods without an E-step chain (em.DiffusionEncoder's `posterior_sample`) are refused."""
-  if not hasattr(method, "posterior_sample"):
-    raise ValueError(f"method {config.method!r} has no E-step chain to check")
-  if draws < 1:
-    raise ValueError(f"draws must be >= 1, got {draws}")
-  beta = config.em.beta
-  decoder = method.decoder
-
-  def nll(dec_params, x, z):
-    if decoder.kind == "diffusion":  # a fixed key: the same draws for z⁰, z^K and ∇U
-      return decoder.nll(dec_params, x, z, jax.random.key(1), num_samples=draws)
-    return decoder.nll(dec_params, x, z)
-
-  @jax.jit
-  def batch(params, x, key):
-    lat = method.latents(params, x, key, num_steps)
-    z0, zk = lat["z0"], lat["zK"]
-    # NLL(z⁰) and its gradient from one pass: ∇U = ∇NLL/β + z⁰
-    n0, pullback = jax.vjp(lambda z: nll(params["decoder"], x, z), z0)
-    grad = pullback(jnp.ones_like(n0))[0] / beta + z0
-    nk = nll(params["decoder"], x, zk)
-    step = lat["info"].step_size if lat["info"] is not None else jnp.float32(0.0)
-    return {"nll_z0": n0, "nll_zK": nk, "nll_change": nk - n0,
-            "share_better": (nk < n0).astype(jnp.float32),
-            "energy_change": (nk - n0) / beta + 0.5 * jnp.sum(zk**2 - z0**2, -1),
-            "gap": jnp.sum((zk - z0) ** 2, -1),
-            "score_norm": jnp.sqrt(jnp.sum(grad**2, -1)),
-            "step_size": jnp.broadcast_to(step, n0.shape)}
-
-  b = batch_size or max(1, min(config.eval.batch_size, 4096 // draws))
-  out = in_batches(lambda x, k: batch(params, x, k), images, b, key)
-  return {k: float(np.mean(np.concatenate([o[k] for o in out]))) for k in out[0]}
-
-
 def decode_images(method, dec_params, z: jax.Array, key: jax.Array) -> jax.Array:
   """method.decode clipped to [-1, 1], the data's range, for image data (a gaussian decoder's
   mean is unbounded); other data (2-D points) as decoded."""

@@ -195,6 +195,7 @@ def langevin_posterior(
     precision_fn: Callable[[Array], Array] | None = None,
     refresh_precision: bool = True,
     unroll: int | bool = 1,
+    fresh_draws: bool = False,
 ) -> tuple[Array, LangevinInfo]:
   """Langevin dynamics on an unnormalised per-example log density, as one `lax.scan`.
 
@@ -213,13 +214,19 @@ def langevin_posterior(
 
   No gradient flows through the chain: z_init is wrapped in `stop_gradient`.
 
+  fresh_draws=True: log_density_fn is a stochastic estimate, called as log_density_fn(z, key)
+  with a new key at every step, so each step follows a fresh unbiased gradient estimate
+  (stochastic-gradient Langevin: its estimator noise averages out along the chain instead of
+  being fitted). MALA needs an exact, fixed density and is refused with it.
+
   `unroll` is passed to `lax.scan`. On XLA:CPU convolutions inside a loop body run several
   times slower than at top level (measured in benchmarks/langevin.py), so a conv decoder on a
   CPU wants unroll=True for small K; on accelerators leave it at 1.
 
   Args:
     log_density_fn: z (B, d) -> (B,), log π up to a per-example constant; examples must be
-      independent (the gradient of the sum is then the per-example gradient).
+      independent (the gradient of the sum is then the per-example gradient). With
+      fresh_draws: (z, key) -> (B,), an estimate whose draws come from key.
     z_init: (B, d) starting points.
     key: PRNG key.
   Returns:
@@ -229,6 +236,8 @@ def langevin_posterior(
     raise ValueError(f"unknown step rule {step_rule!r}; choose one of {STEP_RULES}")
   if step_rule == "gauss_newton" and precision_fn is None:
     raise ValueError("step_rule='gauss_newton' needs precision_fn")
+  if mala and fresh_draws:
+    raise ValueError("mala needs a fixed log density: it cannot run with fresh_draws")
   if mala and (step_rule == "snr" or max_move > 0):
     raise ValueError("mala needs a proposal with a density: step_rule 'fixed' without "
                      "max_move, or 'gauss_newton'")
@@ -236,9 +245,16 @@ def langevin_posterior(
   b, d = z_init.shape
   precond = step_rule == "gauss_newton"
 
-  def logp_and_grad(z):
+  k_draws = jax.random.fold_in(key, 2**31 - 1)  # the steps use fold_in(key, i), i < K
+
+  def log_density(z, i):
+    if fresh_draws:
+      return log_density_fn(z, jax.random.fold_in(k_draws, i))
+    return log_density_fn(z)
+
+  def logp_and_grad(z, i):
     def total(z):
-      lp = log_density_fn(z)
+      lp = log_density(z, i)
       return lp.sum(), lp
     (_, lp), g = jax.value_and_grad(total, has_aux=True)(z)
     return lp, g
@@ -251,10 +267,10 @@ def langevin_posterior(
     chol, inv = spd_factor(h)
     return h, inv, jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), -1)
 
-  def evaluate(z, pre):
+  def evaluate(z, pre, i=0):
     """Everything the proposal needs at z: log π, its gradient, and the preconditioner
-    (recomputed when refreshing, else the constant one passed in)."""
-    lp, g = logp_and_grad(z)
+    (recomputed when refreshing, else the constant one passed in); i: the step (fresh draws)."""
+    lp, g = logp_and_grad(z, i)
     if precond and (pre is None or refresh_precision):
       pre = factor(z)
     return lp, g, pre
@@ -277,7 +293,7 @@ def langevin_posterior(
   def step(carry, _):
     (z, lp, g, pre), sums, i = carry
     if not mala:  # the gradient at the current point; MALA carries it from the last step
-      lp, g, pre = evaluate(z, pre)
+      lp, g, pre = evaluate(z, pre, i)
     k_noise, k_accept = jax.random.split(jax.random.fold_in(key, i))
     xi = jax.random.normal(k_noise, z.shape, z.dtype)
     if step_rule == "snr":
@@ -321,7 +337,7 @@ def langevin_posterior(
   init = (point, (jnp.zeros(()),) * 3, jnp.zeros((), jnp.int32))
   ((z, lp, _, _), sums, _), _ = jax.lax.scan(step, init, length=num_steps, unroll=unroll)
   if not mala:
-    lp = log_density_fn(z)
+    lp = log_density(z, num_steps)
   moves, accepts, etas = (v / max(num_steps, 1) for v in sums)
   info = LangevinInfo(
       move_norm=moves,

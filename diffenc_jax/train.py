@@ -156,6 +156,12 @@ def validate_config(config, num_devices: int | None = None) -> None:
   for name in ("step_size", "snr"):
     check(lv[name] > 0, f"em.langevin.{name} must be > 0, got {lv[name]}")
   check(lv.max_move >= 0, f"em.langevin.max_move must be >= 0, got {lv.max_move}")
+  check(not (langevin and lv.fresh_draws and lv.mala and config.model.decoder == "diffusion"),
+        "em.langevin.fresh_draws draws a new energy at every step: MALA needs a fixed one "
+        "(set em.langevin.mala=False)")
+  check(config.em.chain_slots >= 0, f"em.chain_slots must be >= 0, got {config.em.chain_slots}")
+  check(not config.em.chain_slots or config.method == "diffenc",
+        "em.chain_slots (persistent E-step chains) needs method='diffenc'")
   check(config.em.eval_refine_steps >= 0,
         f"em.eval_refine_steps must be >= 0, got {config.em.eval_refine_steps}")
   for name in ("align_weight", "prox_weight"):
@@ -186,6 +192,10 @@ def validate_data(config, info: data.DatasetInfo) -> None:
   if b > n:
     raise UsageError(f"bad config: train.batch_size={b} exceeds the {n} training examples of "
                      f"{info.name}")
+  slots = config.em.chain_slots
+  if slots and slots < n:
+    raise UsageError(f"bad config: em.chain_slots={slots} must be at least the {n} training "
+                     f"examples of {info.name} (one persistent chain each)")
   shift = config.data.augment_shift
   if info.is_image and 2 * shift >= min(info.shape[:2]):
     raise UsageError(f"bad config: data.augment_shift={shift} must be below half the image "
@@ -269,19 +279,24 @@ class Trainer:
     # E batches of B examples: (E, B, ...) sharded on B
     self.round_sharding = NamedSharding(self.mesh, P(None, "data"))
     self.round = jax.jit(self.augmented_round,
-                         in_shardings=(self.replicated, self.round_sharding, self.replicated),
+                         in_shardings=(self.replicated, self.round_sharding, self.replicated,
+                                       self.round_sharding),
                          out_shardings=(self.replicated, self.replicated), donate_argnums=0)
     self.checkpoints = ocp.CheckpointManager(
         os.path.join(self.workdir, "checkpoints"),
         options=ocp.CheckpointManagerOptions(max_to_keep=config.train.keep_checkpoints,
                                              create=True))
 
-  def augmented_round(self, state, xs, key):
-    """The method's training round on xs after `data.random_shift` (when data.augment_shift)."""
+  def augmented_round(self, state, xs, key, index):
+    """The method's training round on xs after `data.random_shift` (when data.augment_shift);
+    index (E, B), the examples' train-split indices, reaches methods that keep per-example
+    state (`uses_example_index`: persistent E-step chains)."""
     shift = self.config.data.augment_shift
     if shift:
       k_aug, key = jax.random.split(key)
       xs = data.random_shift(k_aug, xs, shift)
+    if getattr(self.method, "uses_example_index", False):
+      return self.method.train_round(state, xs, key, index=index)
     return self.method.train_round(state, xs, key)
 
   # --- state and checkpoints ------------------------------------------------------------
@@ -371,11 +386,16 @@ class Trainer:
     return jax.tree.map(lambda a: a.addressable_data(0), state)
 
   # --- data -----------------------------------------------------------------------------
-  def global_batch(self, batches: data.TrainBatches, round_index: int) -> jax.Array:
-    """The (E, B, ...) images of one round as a global array sharded on the batch axis."""
+  def global_batch(self, batches: data.TrainBatches,
+                   round_index: int) -> tuple[jax.Array, jax.Array]:
+    """The (E, B, ...) images of one round and their (E, B) train-split indices, as global
+    arrays sharded on the batch axis."""
     e = self.config.em.e_updates
-    local = np.stack([batches.get(round_index * e + i)["image"] for i in range(e)])
-    return jax.make_array_from_process_local_data(self.round_sharding, local)
+    steps = [round_index * e + i for i in range(e)]
+    images = np.stack([batches.get(s)["image"] for s in steps])
+    index = np.stack([batches.indices(s) for s in steps]).astype(np.int32)
+    return (jax.make_array_from_process_local_data(self.round_sharding, images),
+            jax.make_array_from_process_local_data(self.round_sharding, index))
 
   # --- training -------------------------------------------------------------------------
   def train(self, state: em.TrainState | None = None) -> dict:
@@ -403,8 +423,8 @@ class Trainer:
     elapsed = previous_elapsed(metrics_path, start) - t_last
     try:
       for step in bar:
-        state, metrics = self.round(state, self.global_batch(batches, step),
-                                    jax.random.fold_in(base_key, step))
+        xs, index = self.global_batch(batches, step)
+        state, metrics = self.round(state, xs, jax.random.fold_in(base_key, step), index)
         done = step + 1
         if done % cfg.train.log_every == 0 or done == cfg.train.num_steps:
           metrics = self._finite(metrics, done)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from diffenc_jax import decoders, em, evaluate, methods, models, samplers, schedules
+from diffenc_jax import decoders, em, evaluate, methods, models, posterior_check, samplers, schedules
 from diffenc_jax.models import dit
 
 SCHED = schedules.CosineSchedule()
@@ -273,7 +273,7 @@ def test_diffusion_decoder_e_step_runs_on_the_estimator(step_rule, mala):
 
 @pytest.mark.parametrize("decoder", ["gaussian", "diffusion"])
 def test_chain_check_scores_z0_and_zK_under_one_estimate(decoder):
-  """evaluate.chain_check: with no chain steps z^K = z⁰, so every change is exactly 0 — for
+  """posterior_check.chain_check: with no chain steps z^K = z⁰, so every change is exactly 0 — for
   the diffusion decoder only if z⁰ and z^K see the same ELBO draws; the score norm is that of
   U = NLL/β + ½‖z‖² computed here independently; methods without an E-step are refused."""
   config = tiny.get_config()
@@ -289,10 +289,10 @@ def test_chain_check_scores_z0_and_zK_under_one_estimate(decoder):
                                      for i, p in enumerate(leaves)])
   x = np.asarray(jax.random.uniform(jax.random.key(2), (6, 8, 8, 1), minval=-1.0))
   key = jax.random.key(3)
-  still = evaluate.chain_check(config, m, params, x, key, draws=4, num_steps=0)
+  still = posterior_check.chain_check(config, m, params, x, key, draws=4, num_steps=0)
   for k in ("nll_change", "share_better", "energy_change", "gap", "step_size"):
     assert still[k] == 0.0, (k, still[k])
-  moved = evaluate.chain_check(config, m, params, x, key, draws=4)
+  moved = posterior_check.chain_check(config, m, params, x, key, draws=4)
   assert moved["gap"] > 0 and moved["step_size"] > 0
   np.testing.assert_allclose(moved["nll_z0"], still["nll_z0"], rtol=1e-5)  # the same z⁰
   np.testing.assert_allclose(moved["nll_zK"] - moved["nll_z0"], moved["nll_change"],
@@ -309,4 +309,4 @@ def test_chain_check_scores_z0_and_zK_under_one_estimate(decoder):
                              rtol=1e-4)
   config.method = "diffae"
   with pytest.raises(ValueError, match="no E-step chain"):
-    evaluate.chain_check(config, methods.get_method(config, (8, 8, 1)), params, x, key)
+    posterior_check.chain_check(config, methods.get_method(config, (8, 8, 1)), params, x, key)

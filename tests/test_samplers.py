@@ -244,3 +244,46 @@ def test_gauss_newton_chain_runs_on_as_many_cpu_devices_as_cores(tmp_path):
                    check=True, timeout=240, preexec_fn=lambda: os.sched_setaffinity(0, cores))
     results.append(np.load(out))
   np.testing.assert_allclose(results[1], results[0], rtol=1e-4, atol=1e-5)
+
+
+def noisy_energy(beta, noise=1.0):
+  """The linear-Gaussian log density plus a noise term ⟨ξ, z⟩ (ξ ~ N(0, noise² I) per example
+  and key): an unbiased estimate whose noise depends on z, as a few-draw ELBO's does."""
+  log_density, mean, cov, prec, _ = linear_gaussian(beta)
+
+  def estimate(z, key):
+    return log_density(z) + noise * jnp.sum(jax.random.normal(key, z.shape) * z, -1)
+
+  return estimate, mean, cov, prec
+
+
+def test_fresh_draws_average_out_estimator_noise_that_fixed_draws_fit():
+  """Stochastic-gradient Langevin (fresh_draws) on an unbiased noisy estimate samples the
+  posterior up to ULA's own step bias and a gradient-noise term η·noise²/2 per direction; the
+  same chain with one draw fixed along it samples a tilted law per chain, N(mean + Σξ, Σ), whose
+  ensemble has covariance Σ + Σ² noise²: what an E-step fitting its draws does."""
+  beta, eta, noise = 1.0, 0.01, 1.0
+  estimate, mean, cov, prec = noisy_energy(beta, noise)
+  z, info = run(estimate, jax.random.key(4), 1500, step_size=eta, fresh_draws=True)
+  # ULA with a gradient whose noise has covariance noise² I: the stationary covariance solves
+  # C = (I − ηP) C (I − ηP) + (2η + η² noise²) I
+  m = np.eye(3) - eta * prec
+  flat = np.linalg.solve(np.eye(9) - np.kron(m, m), ((2 * eta + eta**2 * noise**2) * np.eye(3)
+                                                       ).ravel())
+  assert_moments(z, mean, flat.reshape(3, 3))
+  assert_moments(z, mean, cov)  # within Monte-Carlo error of the posterior at this step
+  assert float(info.accept_rate) == 1.0
+
+  fixed_key = jax.random.key(7)
+  fixed = lambda z: estimate(z, fixed_key)  # one draw per chain, the same at every step
+  z_fixed, _ = run(fixed, jax.random.key(4), 1500, step_size=eta)
+  assert_moments(z_fixed, mean, cov + cov @ cov * noise**2)
+  with pytest.raises(AssertionError):
+    assert_moments(z_fixed, mean, cov)
+
+
+def test_fresh_draws_refuse_mala():
+  estimate, *_ = noisy_energy(1.0)
+  with pytest.raises(ValueError, match="fresh_draws"):
+    samplers.langevin_posterior(estimate, jnp.zeros((2, 3)), jax.random.key(0), num_steps=2,
+                                step_size=0.1, mala=True, fresh_draws=True)

@@ -9,11 +9,12 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs import tiny
-from diffenc_jax import data, train
+from diffenc_jax import data, methods, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -202,7 +203,8 @@ trainer = train.Trainer(config, {workdir!r})
 state = trainer.fresh_state()
 from diffenc_jax import data
 batches = data.TrainBatches(config.data, batch_size=config.train.batch_size, seed=config.seed)
-state, metrics = trainer.round(state, trainer.global_batch(batches, 0), jax.random.key(0))
+xs, index = trainer.global_batch(batches, 0)
+state, metrics = trainer.round(state, xs, jax.random.key(0), index)
 np.savez({out!r}, *[np.asarray(x) for x in jax.tree.leaves(state.params)])
 print(jax.device_count())
 """
@@ -253,7 +255,8 @@ def test_diffusion_decoder_round(tmp_path):
   state = trainer.fresh_state()
   init = jax.device_get(state.params)
   batches = data.TrainBatches(config.data, batch_size=config.train.batch_size, seed=0)
-  state, metrics = trainer.round(state, trainer.global_batch(batches, 0), jax.random.key(0))
+  xs, index = trainer.global_batch(batches, 0)
+  state, metrics = trainer.round(state, xs, jax.random.key(0), index)
   for k, v in metrics.items():
     assert np.isfinite(float(v)), k
   assert float(metrics["move"]) > 0
@@ -542,3 +545,37 @@ def test_two_processes_match_one(tmp_path):
   assert sum("train/gap" in l for l in lines) == sum("eval/psnr_z0" in l for l in lines) == 1
   assert os.listdir(os.path.join(workdir, "checkpoints")) == ["2"]
   assert json.load(open(os.path.join(workdir, "config.json")))["train"]["num_steps"] == 2
+
+
+def test_persistent_chains_continue_where_they_stopped_and_resume_bitwise(tmp_path):
+  """em.chain_slots: an example's chain starts at z⁰ on its first visit and at its last z^K on
+  later ones (a planted far-away state is where the chain continues); the chains are part of
+  the checkpoint, so a stopped and resumed run ends bitwise equal to a straight one."""
+  config = tiny_config(**{"em.chain_slots": 4500, "em.langevin.step_rule": "fixed",
+                          "em.langevin.step_size": 1e-9, "em.langevin.mala": False,
+                          "em.langevin.num_steps": 1})
+  method = methods.get_method(config, (28, 28, 1))
+  state = jax.jit(method.init_state)(jax.random.key(0))
+  index = jnp.arange(8) * 3
+  planted = jnp.full((4, config.model.latent_dim), 5.0)
+  state = state.replace(chains={"z": state.chains["z"].at[index[:4]].set(planted),
+                                "visits": state.chains["visits"].at[index[:4]].set(1)})
+  x = jax.random.uniform(jax.random.key(1), (8, 28, 28, 1), minval=-1.0)
+  e_step = jax.jit(method.e_step, static_argnums=3)
+  state, _, lat = e_step(state, x, jax.random.key(2), False, index)
+  np.testing.assert_allclose(lat["zK"][:4], planted, atol=0.01)  # continued from the plant
+  np.testing.assert_allclose(lat["zK"][4:], lat["z0"][4:], atol=0.01)  # first visits: from z⁰
+  np.testing.assert_array_equal(state.chains["z"][index], lat["zK"])
+  np.testing.assert_array_equal(state.chains["visits"][index], [2] * 4 + [1] * 4)
+  assert int(state.chains["visits"].sum()) == 12
+  with pytest.raises(ValueError, match="needs the examples' index"):
+    method.train_round(state, x[None], jax.random.key(3))
+
+  config = tiny_config(**{"em.chain_slots": 4500})
+  straight, _ = final_state(config, str(tmp_path / "straight"))
+  final_state(tiny_config(**{"em.chain_slots": 4500, "train.num_steps": 2}),
+              str(tmp_path / "resumed"))
+  resumed, _ = final_state(config, str(tmp_path / "resumed"))
+  assert int(straight.chains["visits"].sum()) == 4 * config.train.batch_size
+  for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
+    np.testing.assert_array_equal(a, b)

@@ -1,19 +1,25 @@
-r"""Does the E-step's chain improve the encoder's codes under the decoder? One trained run.
+r"""Does the E-step's chain follow the decoder's posterior, and what does z buy? One trained run.
 
     python -m diffenc_jax.experiments.chain_check --workdir runs/mnist_diffdec \
-        [--steps=2000,2500,3000] [--draws=64] [--num=500]
+        [--steps=2000,2500,3000] [--draws=64] [--num=500] \
+        [--reference_steps=200 --reference_draws=8 --reference_step_size=0.05] \
+        [--information --bins=10 --bin_draws=8]
 
-prints one row per checkpoint (`--steps`, default the newest) of `evaluate.chain_check` on the
-first `--num` held-out examples: the decoder's NLL of z⁰ and of the chain's z^K (for a
+prints one row per checkpoint (`--steps`, default the newest) of `posterior_check.chain_check` on
+the first `--num` held-out examples: the decoder's NLL of z⁰ and of the chain's z^K (for a
 diffusion decoder an ELBO bound with `--draws` draws the chain did not use), its change, the
 share of codes the chain improved, the change of the chain's own energy U, the gap E‖z^K − z⁰‖²,
-the posterior score's norm E‖∇U(z⁰)‖ and the chain's step. docs/recipes.md reads it for
-configs/mnist_diffdec.py.
+the posterior score's norm E‖∇U(z⁰)‖ and the chain's step; with --reference_steps, the NLL
+reached by long reference chains from z⁰ and from a prior draw, and the share of the way to it
+that the E-step's chain covers. With --information (diffusion decoder), a table per log-SNR bin
+of `posterior_check.z_information`: the nats per unit λ that z⁰ buys over the code of another
+held-out example, and the E-step gradient's signal and one-draw noise there.
 """
 
 from __future__ import annotations
 
 import jax
+import numpy as np
 from absl import app, flags, logging
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A trained run (config.json + checkpoints).")
@@ -21,41 +27,96 @@ _STEPS = flags.DEFINE_list("steps", [], "Checkpoints to check (default: the newe
 _DRAWS = flags.DEFINE_integer("draws", 64, "ELBO draws of a diffusion decoder's NLL.")
 _NUM = flags.DEFINE_integer("num", 500, "Held-out examples (the first ones).")
 _EMA = flags.DEFINE_bool("use_ema", None, "Check the EMA parameters (default: the run's).")
+_REF_STEPS = flags.DEFINE_integer("reference_steps", 0, "Steps of the reference chains (0: none).")
+_REF_DRAWS = flags.DEFINE_integer("reference_draws", 8, "Fresh ELBO draws per reference step.")
+_REF_STEP = flags.DEFINE_float("reference_step_size", 0.05, "The reference chains' step.")
+_INFO = flags.DEFINE_bool("information", False, "Print what z buys per log-SNR bin.")
+_BINS = flags.DEFINE_integer("bins", 10, "Log-SNR bins of --information.")
+_BIN_DRAWS = flags.DEFINE_integer("bin_draws", 8, "Draws per example and bin (--information).")
 
 COLUMNS = ("nll_z0", "nll_zK", "nll_change", "share_better", "energy_change", "gap",
            "score_norm", "step_size")
+REFERENCE_COLUMNS = ("nll_ref", "nll_ref_prior", "coverage")
 
 
-def row(step: int, figures: dict[str, float]) -> str:
-  return f"| {step} | " + " | ".join(f"{figures[c]:.4g}" for c in COLUMNS) + " |"
+def row(step: int, figures: dict[str, float], columns) -> str:
+  return f"| {step} | " + " | ".join(f"{figures[c]:.4g}" for c in columns) + " |"
+
+
+def information_table(model, images, key, bins: int, bin_draws: int) -> str:
+  """The markdown table of `posterior_check.z_information` on images, z' = the code of the next
+  held-out example."""
+  from diffenc_jax import evaluate, posterior_check
+  method, params = model.method, model.params
+  decoder = method.decoder
+  edges = posterior_check.default_edges(decoder.schedule, bins)
+
+  @jax.jit
+  def batch(x, k):
+    k_lat, k_info = jax.random.split(k)
+    z0 = method.latents(params, x, k_lat, 0)["z0"]
+    return posterior_check.z_information(decoder, params["decoder"], x, z0,
+                                         jax.numpy.roll(z0, 1, axis=0), k_info, edges, bin_draws)
+
+  parts = evaluate.in_batches(batch, images, min(100, len(images)), key)
+  f = posterior_check.combine_bins(parts, edges, bin_draws)
+  lines = ["| log-SNR bin | nats/unit λ that z⁰ buys | ± se | nats in bin | gradient signal | "
+           "one-draw noise | draws for SNR 1 |", "|---|---|---|---|---|---|---|"]
+  for i in range(bins):
+    lines.append(f"| [{f['lambda_lo'][i]:.1f}, {f['lambda_hi'][i]:.1f}] | "
+                 f"{f['gain_per_lambda'][i]:.3g} | {f['gain_se'][i]:.2g} | "
+                 f"{f['gain_nats'][i]:.3g} | {f['grad_signal'][i]:.3g} | "
+                 f"{f['grad_noise_one_draw'][i]:.3g} | {f['draws_needed'][i]:.3g} |")
+  lines.append(f"| total | | | {np.sum(f['gain_nats']):.4g} | | | |")
+  return "\n".join(lines)
 
 
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # not orbax's every restore step
-  from diffenc_jax import api, data, evaluate, train
+  from diffenc_jax import api, data, posterior_check, train
   try:
     steps = [int(s) for s in _STEPS.value] or [None]
   except ValueError:
     raise app.UsageError(f"--steps must be integers, got {_STEPS.value}") from None
-  if _NUM.value < 1:
-    raise app.UsageError(f"--num must be >= 1, got {_NUM.value}")
+  for name, value, low in (("num", _NUM.value, 1), ("reference_steps", _REF_STEPS.value, 0),
+                           ("reference_draws", _REF_DRAWS.value, 1), ("bins", _BINS.value, 1),
+                           ("bin_draws", _BIN_DRAWS.value, 2)):
+    if value < low:
+      raise app.UsageError(f"--{name} must be >= {low}, got {value}")
+  if _REF_STEP.value <= 0:
+    raise app.UsageError(f"--reference_step_size must be > 0, got {_REF_STEP.value}")
+  columns = COLUMNS + (REFERENCE_COLUMNS if _REF_STEPS.value else ())
   header = True
   for step in steps:
     try:
       model = api.Autoencoder.load(_WORKDIR.value, use_ema=_EMA.value, step=step)
       images, _ = data.load_eval_split(model.config.data, "test", max_examples=_NUM.value)
-      figures = evaluate.chain_check(model.config, model.method, model.params, images,
-                                     jax.random.key(model.config.seed + 11), _DRAWS.value)
+      key = jax.random.key(model.config.seed + 11)
+      figures = posterior_check.chain_check(
+          model.config, model.method, model.params, images, key, _DRAWS.value,
+          reference_steps=_REF_STEPS.value, reference_draws=_REF_DRAWS.value,
+          reference_step_size=_REF_STEP.value)
+      info = None
+      if _INFO.value:
+        if model.method.decoder.kind != "diffusion":
+          raise ValueError("--information needs a diffusion decoder")
+        info = information_table(model, images, jax.random.fold_in(key, 1), _BINS.value,
+                                 _BIN_DRAWS.value)
     except (ValueError, train.UsageError) as e:
       raise app.UsageError(str(e)) from None
     if header:
+      lv = model.config.em.langevin
       print(f"{_WORKDIR.value}: {model.config.method}, {len(images)} held-out examples, "
-            f"β = {model.config.em.beta:g}, {model.config.em.langevin.num_steps} "
-            f"{model.config.em.langevin.step_rule} steps, {_DRAWS.value} ELBO draws")
-      print("| round | " + " | ".join(COLUMNS) + " |\n|" + "---|" * (len(COLUMNS) + 1))
+            f"β = {model.config.em.beta:g}, {lv.num_steps} {lv.step_rule} steps, "
+            f"{lv.mc_samples} draws{' (fresh)' if lv.get('fresh_draws', False) else ''}, "
+            f"{_DRAWS.value} ELBO draws")
+      print("| round | " + " | ".join(columns) + " |\n|" + "---|" * (len(columns) + 1))
       header = False
-    print(row(model.step, figures), flush=True)
+    print(row(model.step, figures, columns), flush=True)
+    if info:
+      print(f"\nround {model.step}: what z⁰ buys over another example's code, per log-SNR bin\n"
+            + info + "\n", flush=True)
 
 
 if __name__ == "__main__":
