@@ -114,7 +114,9 @@ def get_config() -> ml_collections.ConfigDict:
   em.em_enc_lr_scale = 1.0
   em.langevin = langevin = ml_collections.ConfigDict()
   langevin.num_steps = 5
-  langevin.step_rule = "gauss_newton"  # fixed | snr | gauss_newton
+  # fixed | snr | gauss_newton | diagonal (per-example curvature: persistent chains' running
+  # mean of (∇log π)², else the batch's at the start)
+  langevin.step_rule = "gauss_newton"
   langevin.step_size = 0.5
   langevin.max_move = 0.0  # fixed rule: per-example cap on the move's norm (0 = none)
   langevin.snr = 0.16  # snr rule's r
@@ -144,6 +146,9 @@ def get_config() -> ml_collections.ConfigDict:
   # persistent chains: > 0 keeps each training example's last z^K (this many slots, at least the
   # train split's size) and continues its chain there at the next visit, outside any warm-up
   em.chain_slots = 0
+  # persistent chains: weight of the old value in each visit's update of the running mean of
+  # (∇log π)², the `diagonal` step rule's per-example curvature
+  em.curvature_decay = 0.5
   em.eval_refine_steps = 10  # Langevin steps from z⁰ at evaluation time
   # fit a latent DDPM prior (diffae.prior_*) to the encoder's z⁰, one update per E-step, and
   # sample through it instead of N(0, I), which the codes' aggregate distribution need not match

@@ -31,15 +31,15 @@ DECODERS = decoders.DECODERS
 
 class TrainState(flax.struct.PyTreeNode):
   """Everything that changes during training. `params`, `opt_state` and `ema` are dicts with
-  the keys 'encoder' and 'decoder'; `step` counts training rounds. `chains`: with persistent
-  E-step chains (em.chain_slots) {"z": (S, d) each training example's last z^K, "visits": (S,)
-  how often its chain ran}, else None."""
+  the keys 'encoder' and 'decoder'; `step` counts training rounds. With persistent E-step
+  chains (em.chain_slots) `opt_state["chains"]` is the E-step's own state: {"z": (S, d) each
+  training example's last z^K, "visits": (S,) how often its chain ran, "curvature": (S, d) a
+  running mean of its chain's (∇log π)², the `diagonal` step rule's preconditioner}."""
 
   step: Array
   params: Any
   opt_state: Any
   ema: Any
-  chains: Any = None
 
   def eval_params(self, use_ema: bool):
     """The parameters to evaluate with: the EMA ones or the raw ones."""
@@ -165,14 +165,15 @@ class LatentDDPMPrior:
 
 def posterior_sample(config, decoder, dec_params, x: Array, z0: Array, key: Array,
                      num_steps: int | None = None, beta: float | Array | None = None,
-                     langevin=None, z_start: Array | None = None
-                     ) -> tuple[Array, samplers.LangevinInfo]:
+                     langevin=None, z_start: Array | None = None,
+                     curvature: Array | None = None) -> tuple[Array, samplers.LangevinInfo]:
   """The E-step's chain on any decoder of `diffenc_jax.decoders` (diffenc's z^K, and the VAE's
   refined mean): em.langevin.num_steps (or `num_steps`) Langevin steps from z⁰ on
   π_β(z|x) ∝ p(z) p_θ(x|z)^(1/β) exp(−½ λ_prox ‖z − z⁰‖²), with config.em.langevin's step
   rule, MALA and preconditioner (or those of `langevin`, e.g. em.warm_langevin); β =
   config.em.beta unless given. The chain starts at z_start (a persistent chain's last state)
-  when given, else at z⁰; the proximal term always pulls to z⁰. No gradient reaches θ."""
+  when given, else at z⁰; the proximal term always pulls to z⁰. curvature (B, d): the
+  `diagonal` step rule's preconditioner (≤ 0 where unknown). No gradient reaches θ."""
   em = config.em
   lv = em.langevin if langevin is None else langevin
   beta = em.beta if beta is None else beta
@@ -203,7 +204,7 @@ def posterior_sample(config, decoder, dec_params, x: Array, z0: Array, key: Arra
       log_density, z_start, k_chain, num_steps=num_steps or lv.num_steps, step_size=lv.step_size,
       step_rule=lv.step_rule, max_move=lv.max_move, snr=lv.snr, mala=lv.mala,
       precision_fn=precision_fn, refresh_precision=lv.refresh_precision, unroll=unroll,
-      fresh_draws=fresh)
+      fresh_draws=fresh, curvature=curvature)
 
 
 class DiffusionEncoder:
@@ -239,7 +240,7 @@ class DiffusionEncoder:
     self.dec_opt = optimizer_for(config, config.train.dec_lr, em_.m_updates)
     # optional latent DDPM prior over z⁰, one update per E-step, for sample_latents
     self.prior = LatentDDPMPrior(config, self.schedule) if em_.latent_prior else None
-    # em.chain_slots > 0: persistent chains, one per training example (`TrainState.chains`)
+    # em.chain_slots > 0: persistent chains, one per training example (opt_state["chains"])
     self.chain_slots = em_.get("chain_slots", 0)
     self.uses_example_index = bool(self.chain_slots)
 
@@ -260,12 +261,12 @@ class DiffusionEncoder:
       opt_state["prior"] = self.prior.optimizer.init(params["prior"])
       if self.prior.normalize:
         params["zstats"] = self.prior.init_stats()
-    chains = None
     if self.chain_slots:
-      chains = {"z": jnp.zeros((self.chain_slots, self.latent_dim)),
-                "visits": jnp.zeros((self.chain_slots,), jnp.int32)}
+      opt_state["chains"] = {"z": jnp.zeros((self.chain_slots, self.latent_dim)),
+                             "visits": jnp.zeros((self.chain_slots,), jnp.int32),
+                             "curvature": jnp.zeros((self.chain_slots, self.latent_dim))}
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
-                      ema=jax.tree.map(jnp.copy, params), chains=chains)
+                      ema=jax.tree.map(jnp.copy, params))
 
   # --- encoder q_φ(z|x) ----------------------------------------------------------------
   def encoder_eps_fn(self, enc_params, h: Array):
@@ -336,8 +337,8 @@ class DiffusionEncoder:
   # --- E-step --------------------------------------------------------------------------
   def posterior_sample(self, params, x: Array, z0: Array, key: Array,
                        num_steps: int | None = None, beta: float | Array | None = None,
-                       warm: bool = False, z_start: Array | None = None
-                       ) -> tuple[Array, samplers.LangevinInfo]:
+                       warm: bool = False, z_start: Array | None = None,
+                       curvature: Array | None = None) -> tuple[Array, samplers.LangevinInfo]:
     """z^K: Langevin on π_β(z|x) ∝ p(z) p_θ(x|z)^(1/β) exp(−½ λ_prox ‖z − z⁰‖²) from z⁰;
     β = em.beta unless given (the E-step passes `schedules.beta_at` of its round).
     The module's `posterior_sample` on this method's decoder (warm=True: on the gaussian
@@ -347,24 +348,27 @@ class DiffusionEncoder:
                               key, num_steps or self.config.em.warm_langevin.num_steps, beta,
                               langevin=self.config.em.warm_langevin)
     return posterior_sample(self.config, self.decoder, params["decoder"], x, z0, key,
-                            num_steps, beta, z_start=z_start)
+                            num_steps, beta, z_start=z_start, curvature=curvature)
 
   def latents(self, params, x: Array, key: Array, num_steps: int | None = None,
               beta: float | Array | None = None, warm: bool = False,
-              resume: tuple[Array, Array] | None = None) -> dict[str, Array]:
+              resume: tuple[Array, Array, Array] | None = None) -> dict[str, Array]:
     """z⁰ from the encoder and z^K after `num_steps` Langevin steps (the E-step's
     em.langevin.num_steps by default; num_steps=0: z^K = z⁰ and no diagnostics) at temperature
     β (em.beta by default) from z⁰, with the chain's diagnostics (warm=True: the chain on the
-    gaussian warm-up decoder). resume = (z_prev (B, d), seen (B,) bool): persistent chains,
-    which continue from z_prev where seen and start at z⁰ elsewhere. No gradients."""
+    gaussian warm-up decoder). resume = (z_prev (B, d), seen (B,) bool, curvature (B, d)):
+    persistent chains, which continue from z_prev where seen and start at z⁰ elsewhere, with
+    the `diagonal` rule's curvature estimate (≤ 0: unknown). No gradients."""
     k_enc, k_chain = jax.random.split(key)
     z0 = jax.lax.stop_gradient(self.encode(params["encoder"], x, k_enc))
     if num_steps == 0:
       return {"z0": z0, "zK": z0, "info": None}
-    z_start = None
+    z_start = curvature = None
     if resume is not None:
       z_start = jnp.where(resume[1][:, None], jax.lax.stop_gradient(resume[0]), z0)
-    zk, info = self.posterior_sample(params, x, z0, k_chain, num_steps, beta, warm, z_start)
+      curvature = resume[2]
+    zk, info = self.posterior_sample(params, x, z0, k_chain, num_steps, beta, warm, z_start,
+                                     curvature)
     return {"z0": z0, "zK": zk, "info": info}
 
   def e_step(self, state: TrainState, x: Array, key: Array, warm: bool = False,
@@ -374,19 +378,26 @@ class DiffusionEncoder:
     train-split indices, for persistent chains (em.chain_slots): an example's chain continues
     from its last z^K (outside the warm-up; its first visit starts at z⁰), and z^K is kept."""
     k_lat, k_enc = jax.random.split(key)
-    chains, resume = state.chains, None
+    chains, resume = state.opt_state.get("chains"), None
     if chains is not None:
       slot = index % self.chain_slots
       if not warm:
-        resume = (chains["z"][slot], chains["visits"][slot] > 0)
+        resume = (chains["z"][slot], chains["visits"][slot] > 0, chains["curvature"][slot])
     lat = self.latents(state.params, x, k_lat, beta=schedules.beta_at(self.config.em, state.step),
                        warm=warm, resume=resume)
     zk = lat["zK"]
     chain_metrics = {}
     if chains is not None:
-      chains = {"z": chains["z"].at[slot].set(zk), "visits": chains["visits"].at[slot].add(1)}
+      curv = chains["curvature"]
+      if not warm:  # a running mean of the chain's (∇log π)²: the `diagonal` rule's curvature
+        old = curv[slot]
+        rho = self.config.em.get("curvature_decay", 0.5)
+        new = lat["info"].grad_sq
+        curv = curv.at[slot].set(jnp.where(old > 0, rho * old + (1 - rho) * new, new))
+      chains = {"z": chains["z"].at[slot].set(zk), "visits": chains["visits"].at[slot].add(1),
+                "curvature": curv}
       chain_metrics["chain_visits"] = jnp.mean(chains["visits"][slot].astype(jnp.float32))
-      state = state.replace(chains=chains)
+      state = state.replace(opt_state={**state.opt_state, "chains": chains})
 
     # a few updates at most: a trace-time loop, because XLA:CPU runs the conv trunk inside a
     # loop body (scan/while, even unrolled) about twice as slowly as at top level

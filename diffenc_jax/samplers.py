@@ -16,7 +16,7 @@ from diffenc_jax.schedules import Schedule
 
 Array = jax.Array
 
-STEP_RULES = ("fixed", "snr", "gauss_newton")
+STEP_RULES = ("fixed", "snr", "gauss_newton", "diagonal")
 
 
 def _bcast(v: Array, x: Array) -> Array:
@@ -121,6 +121,7 @@ class LangevinInfo(NamedTuple):
   step_size: Array  # mean step size used (varies per example under the snr rule)
   log_density: Array  # (B,): final unnormalised log density
   displacement_sq: Array  # mean ‖z_K − z_0‖²
+  grad_sq: Array | None = None  # (B, d): per example, the mean over steps of (∇log π)²
 
 
 def gauss_newton_precision(
@@ -196,6 +197,7 @@ def langevin_posterior(
     refresh_precision: bool = True,
     unroll: int | bool = 1,
     fresh_draws: bool = False,
+    curvature: Array | None = None,
 ) -> tuple[Array, LangevinInfo]:
   """Langevin dynamics on an unnormalised per-example log density, as one `lax.scan`.
 
@@ -203,6 +205,12 @@ def langevin_posterior(
     - 'fixed': z ← z + η ∇log π + √(2η) ξ; if max_move > 0 each example's move is rescaled
       to norm ≤ max_move (a safeguard early in training; it biases the chain);
     - 'snr': score_sde's rule, η = 2 (r ‖ξ‖ / ‖∇log π‖)² per example, r = `snr`;
+    - 'diagonal': preconditioned by a diagonal curvature estimate c (B, d), fixed along the
+      chain: z ← z + η c⁻¹ ∇log π + √(2η) c^{−½} ξ. c = max(curvature, 1) per example and
+      dimension; where curvature ≤ 0 (unknown: a chain's first run), the batch's mean of
+      (∇log π)² at the start. E_π[(∇log π)²] is the diagonal of the posterior's precision
+      (Fisher's identity), so a running mean of `info.grad_sq` over a persistent chain's runs
+      is a curvature estimate (plus the gradient estimate's noise, which only shortens steps);
     - 'gauss_newton': preconditioned, z ← z + η H⁻¹ ∇log π + √(2η) H^{−½} ξ with
       H = precision_fn(z) (B, d, d), e.g. from `gauss_newton_precision`. With a constant exact
       Hessian and η = 1 the drift jumps straight to the mode. refresh_precision=False
@@ -234,6 +242,8 @@ def langevin_posterior(
   """
   if step_rule not in STEP_RULES:
     raise ValueError(f"unknown step rule {step_rule!r}; choose one of {STEP_RULES}")
+  if step_rule == "diagonal" and mala:
+    raise ValueError("step_rule='diagonal' runs without mala")
   if step_rule == "gauss_newton" and precision_fn is None:
     raise ValueError("step_rule='gauss_newton' needs precision_fn")
   if mala and fresh_draws:
@@ -291,9 +301,13 @@ def langevin_posterior(
     return -jnp.einsum("bi,bij,bj->b", diff, h, diff) / (4.0 * eta) + half_logdet
 
   def step(carry, _):
-    (z, lp, g, pre), sums, i = carry
+    (z, lp, g, pre), sums, i, (diag, grad_sq) = carry
     if not mala:  # the gradient at the current point; MALA carries it from the last step
       lp, g, pre = evaluate(z, pre, i)
+    grad_sq = grad_sq + jnp.square(g)
+    if step_rule == "diagonal":  # fixed at the first step: known curvature, else the batch's
+      first = jnp.where(known, curv, jnp.mean(jnp.square(g), 0, keepdims=True))
+      diag = jnp.where(i == 0, jnp.maximum(first, 1.0), diag)
     k_noise, k_accept = jax.random.split(jax.random.fold_in(key, i))
     xi = jax.random.normal(k_noise, z.shape, z.dtype)
     if step_rule == "snr":
@@ -303,7 +317,10 @@ def langevin_posterior(
       eta = jnp.full((b,), step_size, z.dtype)
     # H^{−½} ξ as Aᵀ ξ: its covariance is Aᵀ A = H⁻¹
     noise = xi if pre is None else jnp.einsum("bji,bj->bi", pre[1], xi)
-    move = eta[:, None] * drift(g, pre) + jnp.sqrt(2.0 * eta)[:, None] * noise
+    if step_rule == "diagonal":
+      move = eta[:, None] * g / diag + jnp.sqrt(2.0 * eta)[:, None] * xi / jnp.sqrt(diag)
+    else:
+      move = eta[:, None] * drift(g, pre) + jnp.sqrt(2.0 * eta)[:, None] * noise
     if max_move > 0:
       norm = jnp.linalg.norm(move, axis=-1, keepdims=True)
       move = move * jnp.minimum(1.0, max_move / (norm + 1e-12))
@@ -324,7 +341,7 @@ def langevin_posterior(
     moved = jnp.linalg.norm(z_new - z, axis=-1)
     # running sums, not per-step outputs: memory stays flat in num_steps
     sums = jax.tree.map(jnp.add, sums, (jnp.mean(moved), jnp.mean(accept_prob), jnp.mean(eta)))
-    return ((z_new, lp_new, g_new, pre_new), sums, i + 1), None
+    return ((z_new, lp_new, g_new, pre_new), sums, i + 1, (diag, grad_sq)), None
 
   if mala:
     point = (z_init, *evaluate(z_init, None))
@@ -334,8 +351,12 @@ def langevin_posterior(
       pre = (factor(z_init) if not refresh_precision else
              jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(factor, z_init)))
     point = (z_init, jnp.zeros((b,), z_init.dtype), jnp.zeros_like(z_init), pre)
-  init = (point, (jnp.zeros(()),) * 3, jnp.zeros((), jnp.int32))
-  ((z, lp, _, _), sums, _), _ = jax.lax.scan(step, init, length=num_steps, unroll=unroll)
+  curv = jnp.zeros_like(z_init) if curvature is None else jnp.asarray(curvature, z_init.dtype)
+  known = curv > 0
+  init = (point, (jnp.zeros(()),) * 3, jnp.zeros((), jnp.int32),
+          (jnp.ones_like(z_init), jnp.zeros_like(z_init)))
+  ((z, lp, _, _), sums, _, (_, grad_sq)), _ = jax.lax.scan(step, init, length=num_steps,
+                                                           unroll=unroll)
   if not mala:
     lp = log_density(z, num_steps)
   moves, accepts, etas = (v / max(num_steps, 1) for v in sums)
@@ -345,5 +366,6 @@ def langevin_posterior(
       step_size=etas,
       log_density=lp,
       displacement_sq=jnp.mean(jnp.sum(jnp.square(z - z_init), -1)),
+      grad_sq=grad_sq / max(num_steps, 1),
   )
   return z, info

@@ -94,7 +94,7 @@ def validate_config(config, num_devices: int | None = None) -> None:
         f"em.langevin.mc_samples must be >= 1 (even with antithetic), got {lv.mc_samples}")
   check(lv.log_snr_scale > 0 and lv.gn_levels >= 1 and lv.reference_samples >= 1,
         "em.langevin.log_snr_scale, gn_levels and reference_samples must be > 0")
-  check(not (langevin and lv.mala and (lv.step_rule == "snr" or lv.max_move > 0)),
+  check(not (langevin and lv.mala and (lv.step_rule in ("snr", "diagonal") or lv.max_move > 0)),
         "em.langevin.mala needs step_rule 'fixed' without max_move, or 'gauss_newton'")
   # baselines (diffenc_jax/baselines.py): each method's own section only
   check(m.unet_conditioning in models.CONDITIONINGS,

@@ -287,3 +287,32 @@ def test_fresh_draws_refuse_mala():
   with pytest.raises(ValueError, match="fresh_draws"):
     samplers.langevin_posterior(estimate, jnp.zeros((2, 3)), jax.random.key(0), num_steps=2,
                                 step_size=0.1, mala=True, fresh_draws=True)
+
+
+def test_diagonal_rule_has_its_analytic_stationary_law_and_estimates_unknown_curvature():
+  """The `diagonal` rule with curvature D = diag(P): preconditioned ULA, whose stationary
+  covariance on a Gaussian solves C = M C Mᵀ + 2η D⁻¹, M = I − η D⁻¹ P (a sharp check, and
+  within Monte-Carlo error of the posterior at this step); grad_sq is the mean of (∇log π)²,
+  whose expectation under π is diag(P) (Fisher's identity). With unknown curvature (≤ 0) the
+  chain uses the batch's mean (∇log π)² at its start, floored at 1."""
+  log_density, mean, cov, prec, _ = linear_gaussian(1.0)
+  eta, diag = 0.05, np.diag(prec)
+  z, info = run(log_density, jax.random.key(5), 600, step_size=eta, step_rule="diagonal",
+                curvature=jnp.broadcast_to(jnp.asarray(diag, jnp.float32), (N_CHAINS, 3)))
+  m = np.eye(3) - eta * prec / diag[:, None]
+  flat = np.linalg.solve(np.eye(9) - np.kron(m, m), (2 * eta * np.diag(1 / diag)).ravel())
+  assert_moments(z, mean, flat.reshape(3, 3))
+  assert_moments(z, mean, cov)
+  assert info.grad_sq.shape == (N_CHAINS, 3)
+
+  z_init = jax.random.normal(jax.random.key(123), (N_CHAINS, 3)) * 2.0
+  g = jax.grad(lambda z: jnp.sum(log_density(z)))(z_init)
+  batch = jnp.maximum(jnp.mean(jnp.square(g), 0, keepdims=True), 1.0)
+  unknown, _ = run(log_density, jax.random.key(6), 5, step_size=eta, step_rule="diagonal",
+                   curvature=jnp.zeros((N_CHAINS, 3)))
+  given, _ = run(log_density, jax.random.key(6), 5, step_size=eta, step_rule="diagonal",
+                 curvature=jnp.broadcast_to(batch, (N_CHAINS, 3)))
+  np.testing.assert_allclose(unknown, given, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="without mala"):
+    samplers.langevin_posterior(log_density, z_init, jax.random.key(0), num_steps=2,
+                                step_size=0.1, step_rule="diagonal", mala=True)

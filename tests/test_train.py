@@ -558,16 +558,19 @@ def test_persistent_chains_continue_where_they_stopped_and_resume_bitwise(tmp_pa
   state = jax.jit(method.init_state)(jax.random.key(0))
   index = jnp.arange(8) * 3
   planted = jnp.full((4, config.model.latent_dim), 5.0)
-  state = state.replace(chains={"z": state.chains["z"].at[index[:4]].set(planted),
-                                "visits": state.chains["visits"].at[index[:4]].set(1)})
+  chains = state.opt_state["chains"]
+  chains = {"z": chains["z"].at[index[:4]].set(planted),
+            "visits": chains["visits"].at[index[:4]].set(1)}
+  state = state.replace(opt_state={**state.opt_state, "chains": chains})
   x = jax.random.uniform(jax.random.key(1), (8, 28, 28, 1), minval=-1.0)
   e_step = jax.jit(method.e_step, static_argnums=3)
   state, _, lat = e_step(state, x, jax.random.key(2), False, index)
   np.testing.assert_allclose(lat["zK"][:4], planted, atol=0.01)  # continued from the plant
   np.testing.assert_allclose(lat["zK"][4:], lat["z0"][4:], atol=0.01)  # first visits: from z⁰
-  np.testing.assert_array_equal(state.chains["z"][index], lat["zK"])
-  np.testing.assert_array_equal(state.chains["visits"][index], [2] * 4 + [1] * 4)
-  assert int(state.chains["visits"].sum()) == 12
+  chains = state.opt_state["chains"]
+  np.testing.assert_array_equal(chains["z"][index], lat["zK"])
+  np.testing.assert_array_equal(chains["visits"][index], [2] * 4 + [1] * 4)
+  assert int(chains["visits"].sum()) == 12
   with pytest.raises(ValueError, match="needs the examples' index"):
     method.train_round(state, x[None], jax.random.key(3))
 
@@ -576,6 +579,6 @@ def test_persistent_chains_continue_where_they_stopped_and_resume_bitwise(tmp_pa
   final_state(tiny_config(**{"em.chain_slots": 4500, "train.num_steps": 2}),
               str(tmp_path / "resumed"))
   resumed, _ = final_state(config, str(tmp_path / "resumed"))
-  assert int(straight.chains["visits"].sum()) == 4 * config.train.batch_size
+  assert int(straight.opt_state["chains"]["visits"].sum()) == 4 * config.train.batch_size
   for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
     np.testing.assert_array_equal(a, b)
