@@ -137,7 +137,8 @@ def reference_chain(config, decoder, dec_params, x: Array, z_init: Array, key: A
 def chain_check(config, method, params, images: np.ndarray, key: Array, draws: int = 64,
                 num_steps: int | None = None, batch_size: int | None = None,
                 reference_steps: int = 0, reference_draws: int = 8,
-                reference_step_size: float = 0.05) -> dict[str, float]:
+                reference_step_size: float = 0.05,
+                z_chain: np.ndarray | None = None) -> dict[str, float]:
   """Does the E-step's chain move the encoder's z⁰ towards the decoder's posterior?
 
   For each image: z⁰ from the encoder and z^K after the E-step's chain (em.langevin, its
@@ -156,6 +157,8 @@ def chain_check(config, method, params, images: np.ndarray, key: Array, draws: i
     nll_ref, nll_ref_prior  their mean NLL (agreeing when the reference has mixed);
     coverage         (NLL(z^K) − NLL(z⁰)) / (NLL_ref − NLL(z⁰)), means over the images: the share
                      of the way to the posterior's typical NLL that the E-step's chain covers.
+  z_chain (N, d), optional: the codes to score as z^K instead of running the E-step's chain
+  from z⁰, e.g. a run's persistent chains for training images (`opt_state["chains"]`).
   Images go through in batches of `batch_size` (default: eval.batch_size, at most 4096 // draws).
   Methods without an E-step chain (em.DiffusionEncoder's `posterior_sample`) are refused."""
   from diffenc_jax.evaluate import in_batches
@@ -172,15 +175,16 @@ def chain_check(config, method, params, images: np.ndarray, key: Array, draws: i
     return decoder.nll(dec_params, x, z)
 
   @jax.jit
-  def batch(params, x, key):
-    lat = method.latents(params, x, key, num_steps)
+  def batch(params, x, key, z_given):
+    lat = method.latents(params, x, key, 0 if z_given is not None else num_steps)
     k_ref, k_prior = jax.random.fold_in(key, 1), jax.random.fold_in(key, 2)
-    z0, zk = lat["z0"], lat["zK"]
+    z0, zk = lat["z0"], (lat["zK"] if z_given is None else z_given)
     # NLL(z⁰) and its gradient from one pass: ∇U = ∇NLL/β + z⁰
     n0, pullback = jax.vjp(lambda z: nll(params["decoder"], x, z), z0)
     grad = pullback(jnp.ones_like(n0))[0] / beta + z0
     nk = nll(params["decoder"], x, zk)
-    step = lat["info"].step_size if lat["info"] is not None else jnp.float32(0.0)
+    step = (lat["info"].step_size if lat["info"] is not None and z_given is None
+            else jnp.float32(0.0))
     out = {"nll_z0": n0, "nll_zK": nk, "nll_change": nk - n0,
            "share_better": (nk < n0).astype(jnp.float32),
            "energy_change": (nk - n0) / beta + 0.5 * jnp.sum(zk**2 - z0**2, -1),
@@ -197,7 +201,11 @@ def chain_check(config, method, params, images: np.ndarray, key: Array, draws: i
     return out
 
   b = batch_size or max(1, min(config.eval.batch_size, 4096 // draws))
-  out = in_batches(lambda x, k: batch(params, x, k), images, b, key)
+  if z_chain is not None and len(z_chain) != len(images):
+    raise ValueError(f"z_chain has {len(z_chain)} codes for {len(images)} images")
+  out = in_batches(lambda i, k: batch(params, images[i], k,
+                                      None if z_chain is None else z_chain[i]),
+                   np.arange(len(images)), b, key)
   figures = {k: float(np.mean(np.concatenate([o[k] for o in out]))) for k in out[0]}
   if reference_steps:
     target = figures["nll_ref"] - figures["nll_z0"]

@@ -205,12 +205,14 @@ def langevin_posterior(
     - 'fixed': z ← z + η ∇log π + √(2η) ξ; if max_move > 0 each example's move is rescaled
       to norm ≤ max_move (a safeguard early in training; it biases the chain);
     - 'snr': score_sde's rule, η = 2 (r ‖ξ‖ / ‖∇log π‖)² per example, r = `snr`;
-    - 'diagonal': preconditioned by a diagonal curvature estimate c (B, d), fixed along the
-      chain: z ← z + η c⁻¹ ∇log π + √(2η) c^{−½} ξ. c = max(curvature, 1) per example and
-      dimension; where curvature ≤ 0 (unknown: a chain's first run), the batch's mean of
-      (∇log π)² at the start. E_π[(∇log π)²] is the diagonal of the posterior's precision
-      (Fisher's identity), so a running mean of `info.grad_sq` over a persistent chain's runs
-      is a curvature estimate (plus the gradient estimate's noise, which only shortens steps);
+    - 'diagonal': preconditioned by a diagonal curvature c (d,), fixed along the chain:
+      z ← z + η c⁻¹ ∇log π + √(2η) c^{−½} ξ, with c the batch's mean per dimension of
+      `curvature` (B, d) where it is > 0 and of (∇log π)² at the start elsewhere, floored at
+      1. E_π[(∇log π)²] is the diagonal of the posterior's precision (Fisher's identity), so a
+      running mean of `info.grad_sq` over a persistent chain's runs is a curvature estimate
+      (plus the gradient estimate's noise, which only shortens steps). It is pooled over the
+      batch because one example's estimate from a few noisy gradients can be near 0 in some
+      dimension, and a step scaled by its inverse throws that chain far;
     - 'gauss_newton': preconditioned, z ← z + η H⁻¹ ∇log π + √(2η) H^{−½} ξ with
       H = precision_fn(z) (B, d, d), e.g. from `gauss_newton_precision`. With a constant exact
       Hessian and η = 1 the drift jumps straight to the mode. refresh_precision=False
@@ -305,9 +307,9 @@ def langevin_posterior(
     if not mala:  # the gradient at the current point; MALA carries it from the last step
       lp, g, pre = evaluate(z, pre, i)
     grad_sq = grad_sq + jnp.square(g)
-    if step_rule == "diagonal":  # fixed at the first step: known curvature, else the batch's
-      first = jnp.where(known, curv, jnp.mean(jnp.square(g), 0, keepdims=True))
-      diag = jnp.where(i == 0, jnp.maximum(first, 1.0), diag)
+    if step_rule == "diagonal":  # fixed at the first step, pooled over the batch
+      first = jnp.mean(jnp.where(known, curv, jnp.square(g)), 0, keepdims=True)
+      diag = jnp.where(i == 0, jnp.broadcast_to(jnp.maximum(first, 1.0), diag.shape), diag)
     k_noise, k_accept = jax.random.split(jax.random.fold_in(key, i))
     xi = jax.random.normal(k_noise, z.shape, z.dtype)
     if step_rule == "snr":

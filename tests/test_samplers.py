@@ -293,8 +293,8 @@ def test_diagonal_rule_has_its_analytic_stationary_law_and_estimates_unknown_cur
   """The `diagonal` rule with curvature D = diag(P): preconditioned ULA, whose stationary
   covariance on a Gaussian solves C = M C Mᵀ + 2η D⁻¹, M = I − η D⁻¹ P (a sharp check, and
   within Monte-Carlo error of the posterior at this step); grad_sq is the mean of (∇log π)²,
-  whose expectation under π is diag(P) (Fisher's identity). With unknown curvature (≤ 0) the
-  chain uses the batch's mean (∇log π)² at its start, floored at 1."""
+  whose expectation under π is diag(P) (Fisher's identity). The curvature is pooled over the
+  batch: where unknown (≤ 0), (∇log π)² at the chain's start takes its place, floored at 1."""
   log_density, mean, cov, prec, _ = linear_gaussian(1.0)
   eta, diag = 0.05, np.diag(prec)
   z, info = run(log_density, jax.random.key(5), 600, step_size=eta, step_rule="diagonal",
@@ -313,6 +313,11 @@ def test_diagonal_rule_has_its_analytic_stationary_law_and_estimates_unknown_cur
   given, _ = run(log_density, jax.random.key(6), 5, step_size=eta, step_rule="diagonal",
                  curvature=jnp.broadcast_to(batch, (N_CHAINS, 3)))
   np.testing.assert_allclose(unknown, given, rtol=1e-5, atol=1e-6)
+  # pooled: one example's near-zero estimate does not set its own step
+  spiky = jnp.broadcast_to(batch, (N_CHAINS, 3)).at[0].set(1e-3)
+  pooled, _ = run(log_density, jax.random.key(6), 5, step_size=eta, step_rule="diagonal",
+                  curvature=spiky)
+  np.testing.assert_allclose(pooled[1:], given[1:], rtol=1e-2, atol=1e-3)
   with pytest.raises(ValueError, match="without mala"):
     samplers.langevin_posterior(log_density, z_init, jax.random.key(0), num_steps=2,
                                 step_size=0.1, step_rule="diagonal", mala=True)

@@ -31,6 +31,10 @@ _REF_STEPS = flags.DEFINE_integer("reference_steps", 0, "Steps of the reference 
 _REF_DRAWS = flags.DEFINE_integer("reference_draws", 8, "Fresh ELBO draws per reference step.")
 _REF_STEP = flags.DEFINE_float("reference_step_size", 0.05, "The reference chains' step.")
 _INFO = flags.DEFINE_bool("information", False, "Print what z buys per log-SNR bin.")
+_PERSISTENT = flags.DEFINE_bool(
+    "persistent", False, "Score the run's persistent chains (em.chain_slots) as z^K, on the "
+    "first --num training examples whose chain has run (a check of the sampler, not of the "
+    "model; the chains ran on shifted copies where data.augment_shift > 0).")
 _BINS = flags.DEFINE_integer("bins", 10, "Log-SNR bins of --information.")
 _BIN_DRAWS = flags.DEFINE_integer("bin_draws", 8, "Draws per example and bin (--information).")
 
@@ -91,12 +95,23 @@ def main(argv):
   for step in steps:
     try:
       model = api.Autoencoder.load(_WORKDIR.value, use_ema=_EMA.value, step=step)
-      images, _ = data.load_eval_split(model.config.data, "test", max_examples=_NUM.value)
       key = jax.random.key(model.config.seed + 11)
+      z_chain = None
+      if _PERSISTENT.value:
+        state = train.Trainer(model.config, _WORKDIR.value).restore_or_init(require=True,
+                                                                          step=model.step)
+        chains = state.opt_state.get("chains")
+        if chains is None:
+          raise ValueError(f"{_WORKDIR.value} has no persistent chains (em.chain_slots = 0)")
+        images, _ = data.load_eval_split(model.config.data, "train")
+        seen = np.flatnonzero(np.asarray(chains["visits"])[:len(images)] > 0)[:_NUM.value]
+        images, z_chain = images[seen], np.asarray(chains["z"])[seen]
+      else:
+        images, _ = data.load_eval_split(model.config.data, "test", max_examples=_NUM.value)
       figures = posterior_check.chain_check(
           model.config, model.method, model.params, images, key, _DRAWS.value,
           reference_steps=_REF_STEPS.value, reference_draws=_REF_DRAWS.value,
-          reference_step_size=_REF_STEP.value)
+          reference_step_size=_REF_STEP.value, z_chain=z_chain)
       info = None
       if _INFO.value:
         if model.method.decoder.kind != "diffusion":
