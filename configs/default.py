@@ -144,7 +144,8 @@ def get_config() -> ml_collections.ConfigDict:
   # kept when a diffusion-decoder config changes em.langevin
   em.warm_langevin = ml_collections.ConfigDict(langevin.to_dict())
   # persistent chains: > 0 keeps each training example's last z^K (this many slots, at least the
-  # train split's size) and continues its chain there at the next visit, outside any warm-up
+  # train split's size × (2 data.augment_shift + 1)², one per shifted copy) and continues its
+  # chain there at the next visit, outside any warm-up
   em.chain_slots = 0
   # persistent chains: weight of the old value in each visit's update of the running mean of
   # (∇log π)², the `diagonal` step rule's per-example curvature

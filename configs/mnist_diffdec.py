@@ -1,13 +1,14 @@
 """The paper's configuration on mnist5k: the diffusion encoder trained by EM against a
 z-conditioned diffusion decoder (the transformer denoiser of configs/mnist_diffae.py, v-MSE).
 
-Rounds 0–1,999 are a gaussian warm-up (em.gaussian_warmup_rounds): EM against an auxiliary
-gaussian decoder (em.warm_langevin, the gaussian recipe's chain) whose z^K the diffusion decoder
-learns to use meanwhile — from a diffusion decoder that ignores z, EM stays there. Rounds
-2,000–2,999 are EM against the diffusion decoder (3 `snr` Langevin steps on its ELBO estimate),
-the encoder at 0.01 × its rate (em.em_enc_lr_scale): at full rate its codes drifted faster than
-the decoder followed, at 0.1 × more slowly. docs/recipes.md has the measured figures (two idle
-cores: ~31 minutes).
+Rounds 0–749 (a quarter) are a gaussian warm-up (em.gaussian_warmup_rounds): EM against an
+auxiliary gaussian decoder whose z^K the diffusion decoder learns to use meanwhile (from a
+diffusion decoder that ignores z, EM stays there). Rounds 750–2,999 are EM against the
+diffusion decoder with the encoder at its full rate. Its E-step keeps a persistent chain per
+training example and shifted copy (em.chain_slots), filled by the warm-up, continued at every
+visit by 2 steps of stochastic-gradient Langevin (fresh ELBO draws at every step) preconditioned
+by a running diagonal curvature estimate; the encoder learns the chains' states. docs/recipes.md
+has what was measured.
 """
 
 from configs import default
@@ -19,20 +20,20 @@ def get_config():
   config.model.denoiser = "dit"
   config.model.dec_parameterization = "v"
   config.model.dec_weighting = "v"
-  config.em.gaussian_warmup_rounds = 2000
+  config.em.gaussian_warmup_rounds = 750
   config.em.m_updates = 1
-  # EM's encoder at 0.01 × the warm-up's rate: at full rate its codes drifted faster than the
-  # decoder followed (15.8 → 12.6 dB in 75 EM rounds), at 0.1 × it still lost 1 dB in 1,000
-  # (docs/recipes.md)
-  config.em.em_enc_lr_scale = 0.01
-  config.em.langevin.num_steps = 3
-  config.em.langevin.step_rule = "snr"
-  config.em.langevin.mala = False  # the snr rule's step depends on the gradient: no MALA
-  config.em.langevin.mc_samples = 2  # one λ, with ε and −ε
-  config.em.eval_refine_steps = 3
+  # one chain per training example and shifted copy: 4,500 × 9
+  config.em.chain_slots = 40500
+  config.em.langevin.num_steps = 2
+  config.em.langevin.step_rule = "diagonal"
+  config.em.langevin.step_size = 0.2
+  config.em.langevin.mala = False  # fresh draws: no fixed energy for MALA
+  config.em.langevin.fresh_draws = True
+  config.em.langevin.mc_samples = 2  # one λ, with ε and −ε, new at every step
+  config.em.eval_refine_steps = 2
   config.train.num_steps = 3000
   config.train.lr_schedule = "cosine"
-  config.train.eval_every = 500
-  config.train.checkpoint_every = 500
+  config.train.eval_every = 750
+  config.train.checkpoint_every = 250
   config.eval.decoder_steps = 20
   return config

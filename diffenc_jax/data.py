@@ -407,18 +407,24 @@ def _epoch_order(seed: int, epoch: int, num_examples: int) -> np.ndarray:
   return order
 
 
-def random_shift(key: jax.Array, images: jax.Array, max_shift: int) -> jax.Array:
+def random_shift(key: jax.Array, images: jax.Array, max_shift: int,
+                 return_offsets: bool = False):
   """Each image translated by its own (dy, dx), uniform on {−s, …, s}², edges replicated.
 
   images (..., H, W, C): any leading axes; s = max_shift ≥ 0 (0 returns images unchanged).
   Pure and jittable: the same key gives the same shifts on any device layout.
+  return_offsets=True also returns each image's shift as one integer in [0, (2s + 1)²),
+  (dy + s)(2s + 1) + (dx + s), shaped like the leading axes.
   """
   if max_shift == 0:
-    return images
+    return (images, jnp.zeros(images.shape[:-3], jnp.int32)) if return_offsets else images
   *lead, h, w, c = images.shape
   flat = images.reshape(-1, h, w, c)
   s = max_shift
   padded = jnp.pad(flat, ((0, 0), (s, s), (s, s), (0, 0)), mode="edge")
   offsets = jax.random.randint(key, (flat.shape[0], 2), 0, 2 * s + 1)
   crop = lambda img, o: jax.lax.dynamic_slice(img, (o[0], o[1], 0), (h, w, c))
-  return jax.vmap(crop)(padded, offsets).reshape(images.shape)
+  shifted = jax.vmap(crop)(padded, offsets).reshape(images.shape)
+  if return_offsets:
+    return shifted, (offsets[:, 0] * (2 * s + 1) + offsets[:, 1]).reshape(lead)
+  return shifted

@@ -231,6 +231,16 @@ def test_random_shift_translates_each_image_with_edge_padding():
   assert len(used) > 10  # 64 draws over 25 shifts: the offsets really vary
   assert (s, s) in candidates and np.array_equal(candidates[(s, s)], images.reshape(n, h, w, 3))
   assert data.random_shift(jax.random.key(0), images, 0) is images
+  # return_offsets: the same images, and each one's shift as (dy + s)(2s + 1) + (dx + s)
+  again, offsets = jax.jit(data.random_shift, static_argnums=(2, 3))(jax.random.key(0), images,
+                                                                     s, True)
+  np.testing.assert_array_equal(np.asarray(again), out)
+  assert offsets.shape == (2, n // 2)
+  for i, (got, code) in enumerate(zip(out.reshape(n, h, w, 3), np.asarray(offsets).ravel())):
+    dy, dx = divmod(int(code), 2 * s + 1)
+    assert np.array_equal(candidates[(dy, dx)][i], got)
+  same, zero = data.random_shift(jax.random.key(0), images, 0, return_offsets=True)
+  assert same is images and zero.shape == (2, n // 2) and not np.any(zero)
 
 
 def _idx_dir(path: pathlib.Path, damage: str) -> pathlib.Path:

@@ -551,7 +551,7 @@ def test_persistent_chains_continue_where_they_stopped_and_resume_bitwise(tmp_pa
   """em.chain_slots: an example's chain starts at z⁰ on its first visit and at its last z^K on
   later ones (a planted far-away state is where the chain continues); the chains are part of
   the checkpoint, so a stopped and resumed run ends bitwise equal to a straight one."""
-  config = tiny_config(**{"em.chain_slots": 4500, "em.langevin.step_rule": "fixed",
+  config = tiny_config(**{"em.chain_slots": 40500, "em.langevin.step_rule": "fixed",
                           "em.langevin.step_size": 1e-9, "em.langevin.mala": False,
                           "em.langevin.num_steps": 1})
   method = methods.get_method(config, (28, 28, 1))
@@ -559,7 +559,7 @@ def test_persistent_chains_continue_where_they_stopped_and_resume_bitwise(tmp_pa
   index = jnp.arange(8) * 3
   planted = jnp.full((4, config.model.latent_dim), 5.0)
   chains = state.opt_state["chains"]
-  chains = {"z": chains["z"].at[index[:4]].set(planted),
+  chains = {**chains, "z": chains["z"].at[index[:4]].set(planted),
             "visits": chains["visits"].at[index[:4]].set(1)}
   state = state.replace(opt_state={**state.opt_state, "chains": chains})
   x = jax.random.uniform(jax.random.key(1), (8, 28, 28, 1), minval=-1.0)
@@ -574,9 +574,9 @@ def test_persistent_chains_continue_where_they_stopped_and_resume_bitwise(tmp_pa
   with pytest.raises(ValueError, match="needs the examples' index"):
     method.train_round(state, x[None], jax.random.key(3))
 
-  config = tiny_config(**{"em.chain_slots": 4500})
+  config = tiny_config(**{"em.chain_slots": 40500})
   straight, _ = final_state(config, str(tmp_path / "straight"))
-  final_state(tiny_config(**{"em.chain_slots": 4500, "train.num_steps": 2}),
+  final_state(tiny_config(**{"em.chain_slots": 40500, "train.num_steps": 2}),
               str(tmp_path / "resumed"))
   resumed, _ = final_state(config, str(tmp_path / "resumed"))
   assert int(straight.opt_state["chains"]["visits"].sum()) == 4 * config.train.batch_size

@@ -34,7 +34,7 @@ _INFO = flags.DEFINE_bool("information", False, "Print what z buys per log-SNR b
 _PERSISTENT = flags.DEFINE_bool(
     "persistent", False, "Score the run's persistent chains (em.chain_slots) as z^K, on the "
     "first --num training examples whose chain has run (a check of the sampler, not of the "
-    "model; the chains ran on shifted copies where data.augment_shift > 0).")
+    "model): each example's unshifted copy.")
 _BINS = flags.DEFINE_integer("bins", 10, "Log-SNR bins of --information.")
 _BIN_DRAWS = flags.DEFINE_integer("bin_draws", 8, "Draws per example and bin (--information).")
 
@@ -104,8 +104,10 @@ def main(argv):
         if chains is None:
           raise ValueError(f"{_WORKDIR.value} has no persistent chains (em.chain_slots = 0)")
         images, _ = data.load_eval_split(model.config.data, "train")
-        seen = np.flatnonzero(np.asarray(chains["visits"])[:len(images)] > 0)[:_NUM.value]
-        images, z_chain = images[seen], np.asarray(chains["z"])[seen]
+        s = model.config.data.augment_shift  # the unshifted copy's slot (train.augmented_round)
+        slots = np.arange(len(images)) * (2 * s + 1) ** 2 + s * (2 * s + 1) + s
+        seen = np.flatnonzero(np.asarray(chains["visits"])[slots] > 0)[:_NUM.value]
+        images, z_chain = images[seen], np.asarray(chains["z"])[slots[seen]]
       else:
         images, _ = data.load_eval_split(model.config.data, "test", max_examples=_NUM.value)
       figures = posterior_check.chain_check(
