@@ -258,6 +258,10 @@ def breakdown(name: str, repeats: int, tiny: bool = False,
   # the whole round as in training (benchmarks/train_step.py): jitted, its state donated and
   # carried from call to call; a copy of its own, since donation consumes the buffers
   round_fn = jax.jit(method.train_round, donate_argnums=0)
+  if getattr(method, "uses_example_index", False):  # persistent chains: slots 0 … E·B − 1
+    index = jax.numpy.arange(config.em.e_updates * xs.shape[1]).reshape(xs.shape[:2])
+    round_fn = jax.jit(lambda s, x, k, f=method.train_round: f(s, x, k, index=index),
+                       donate_argnums=0)
   carried = {"state": jax.tree.map(jnp.copy, state), "i": 0}
 
   def whole_round():

@@ -53,6 +53,10 @@ def images_per_second(name: str, repeats: int,
   e = config.em.e_updates
   xs = jax.random.uniform(jax.random.key(1), (e, batch) + shape, minval=-1.0, maxval=1.0)
   round_fn = jax.jit(method.train_round, donate_argnums=0)
+  if getattr(method, "uses_example_index", False):  # persistent chains: slots 0 … E·B − 1
+    index = jax.numpy.arange(config.em.e_updates * xs.shape[1]).reshape(xs.shape[:2])
+    round_fn = jax.jit(lambda s, x, k, f=method.train_round: f(s, x, k, index=index),
+                       donate_argnums=0)
   state = jax.jit(method.init_state)(jax.random.key(0))
   first = 0.0
   for i in range(2):  # compile, then one warm round
