@@ -384,15 +384,15 @@ def _interrupted_run(workdir, monkeypatch, failing_round, error):
   real_round, calls, waits = trainer.round, [0], []
   failed = []
 
-  def round_fn(state, xs, key):
+  def round_fn(state, xs, key, index):
     calls[0] += 1
     if calls[0] - 1 == failing_round:
       failed.append(True)
       if error is not None:
         raise error
-      state, metrics = real_round(state, xs, key)
+      state, metrics = real_round(state, xs, key, index)
       return state, {**metrics, "gap": metrics["gap"] * np.nan}
-    return real_round(state, xs, key)
+    return real_round(state, xs, key, index)
 
   real_wait = ocp.CheckpointManager.wait_until_finished
   monkeypatch.setattr(ocp.CheckpointManager, "wait_until_finished",
