@@ -35,6 +35,7 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from diffenc_jax.models import dit  # noqa: E402
+from diffenc_jax.models.layers import sinusoidal_embedding  # noqa: E402
 
 IMAGE, PATCH, LATENT = (28, 28, 1), 7, 16
 
@@ -128,7 +129,7 @@ def parts(batch: int, width: int, depth: int, heads: int, dtype: str):
   def conditioning(p, t_, z_):
     c = nn.Dense(width).apply({"params": p["TimeEmbedding_0"]["Dense_1"]}, nn.silu(
         nn.Dense(width).apply({"params": p["TimeEmbedding_0"]["Dense_0"]},
-                              dit.sinusoidal_embedding(t_, width))))
+                              sinusoidal_embedding(t_, width))))
     c = c + nn.Dense(width).apply({"params": p["Dense_0"]}, nn.silu(
         nn.Dense(width).apply({"params": p["z_proj"]}, z_)))
     return nn.Dense((6 * depth + 2) * width).apply({"params": p["adaln"]}, nn.silu(c))

@@ -7,6 +7,7 @@ and one forward pass, with ms per step, images/s and the ratio reference / ours.
     git clone https://github.com/facebookresearch/DiT /path/to/DiT
     python benchmarks/vs_dit.py --reference /path/to/DiT [--cases train128,train32,forward500]
         [--impls ours,eager,compile] [--rounds 9] [--steps 3] [--threads N] [--dtype float32]
+        [--cpu-time]
 
 The matched network: 28×28×1 images in 7×7 patches (16 tokens), width 128, 4 blocks of 4 heads,
 MLP ratio 4, a 16-d code z. The reference's `DiT` is built with learn_sigma=False, its timestep
@@ -275,13 +276,14 @@ def serve(args):
     for _ in range(args.warmup):
       step()
   print(json.dumps({"params": count, "notes": notes, "first": first}), flush=True)
+  clock = time.process_time if args.cpu_time else time.perf_counter
   for line in sys.stdin:
     case, n = line.split()
     times = []
     for _ in range(int(n)):
-      start = time.perf_counter()
+      start = clock()
       steps[case]()
-      times.append(time.perf_counter() - start)
+      times.append(clock() - start)
     print(json.dumps(times), flush=True)
 
 
@@ -298,6 +300,9 @@ def main(argv: list[str] | None = None):
                       help="PyTorch's intra-op threads (default: the usable cores)")
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                       help="our matmuls' dtype (model.dit_dtype); the reference stays float32")
+  parser.add_argument("--cpu-time", action="store_true",
+                      help="time steps by each process's CPU time, not wall-clock time: steadier "
+                           "on a loaded host, meaningful with one core (taskset -c N, --threads 1)")
   parser.add_argument("--worker", choices=tuple(IMPLS), help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   cases, impls = args.cases.split(","), args.impls.split(",")
@@ -314,6 +319,7 @@ def main(argv: list[str] | None = None):
            "--cases", args.cases,
            "--warmup", str(args.warmup), "--threads", str(args.threads), "--dtype", args.dtype]
     cmd += ["--reference", args.reference] if args.reference else []
+    cmd += ["--cpu-time"] if args.cpu_time else []
     workers[impl] = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True, cwd=ROOT)
     info = workers[impl].stdout.readline()
@@ -346,7 +352,8 @@ def main(argv: list[str] | None = None):
     ratios = [f"{med[i] / med['ours']:.2f}×" for i in impls if i != "ours" and "ours" in med]
     print(f"| {case} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
   print(f"\nmedians of {args.rounds} rounds × {args.steps} alternating timed steps of each "
-        f"(processes taking turns), after {args.warmup} warm-up steps")
+        f"(processes taking turns), after {args.warmup} warm-up steps; "
+        f"{'CPU' if args.cpu_time else 'wall-clock'} time")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffenc_jax.models.layers import TimeEmbedding, sinusoidal_embedding, zeros_init  # noqa: F401
+from diffenc_jax.models.layers import TimeEmbedding, zeros_init
 
 DTYPES = ("float32", "bfloat16")
 
