@@ -29,7 +29,8 @@ setup(
     extras_require={
         "test": ["pytest>=9.0", "pytest-xdist>=3.8", "nbclient>=0.11", "nbformat>=5.11",
                  "ipykernel>=7.4"],
-        # benchmarks/vs_reference.py: the PyTorch original (the user's checkout of phizaz/diffae)
-        "reference": ["torch>=2.0"],
+        # benchmarks/vs_reference.py and vs_dit.py: the PyTorch originals (the user's checkouts of
+        # phizaz/diffae and facebookresearch/DiT; DiT's models.py imports timm)
+        "reference": ["torch>=2.0", "timm>=1.0"],
     },
 )

@@ -57,6 +57,7 @@ def get_config() -> ml_collections.ConfigDict:
   model.dit_width = 128
   model.dit_depth = 4
   model.dit_heads = 4
+  model.dit_dtype = "float32"  # its matmuls' dtype: float32 or bfloat16 (parameters stay float32)
   # U-Net denoiser
   model.unet_channels = 32
   model.unet_channel_mult = (1, 2)

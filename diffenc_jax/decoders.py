@@ -113,7 +113,8 @@ class DiffusionDecoder:
     if m.denoiser == "dit":
       self.network = models.DiTDenoiser(
           image_shape=self.data_shape, patch_size=m.dit_patch_size, width=m.dit_width,
-          depth=m.dit_depth, num_heads=m.dit_heads, latent_dim=m.latent_dim)
+          depth=m.dit_depth, num_heads=m.dit_heads, latent_dim=m.latent_dim,
+          dtype=m.get("dit_dtype", "float32"))
     else:
       self.network = models.UNetDecoder(
           image_shape=self.data_shape, channels=m.unet_channels,

@@ -82,6 +82,8 @@ def validate_config(config, num_devices: int | None = None) -> None:
     check(all(v > 0 for v in (m.dit_patch_size, m.dit_width, m.dit_depth, m.dit_heads)), "model.dit_patch_size, dit_width, dit_depth and dit_heads must be > 0")
     check(m.dit_width % m.dit_heads == 0,
           f"model.dit_width={m.dit_width} is not divisible by model.dit_heads={m.dit_heads}")
+    check(m.get("dit_dtype", "float32") in models.dit.DTYPES,
+          f"model.dit_dtype={m.get('dit_dtype')!r} is not one of {models.dit.DTYPES}")
   for name in ("schedule", "image_schedule"):
     check(config[name].name in schedules.SCHEDULES,
           f"unknown {name}.name {config[name].name!r}; choose one of {sorted(schedules.SCHEDULES)}")

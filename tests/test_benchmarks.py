@@ -1,5 +1,6 @@
 """The benchmark scripts run: breakdown.py prints every part of a round, timed and positive, at
-tiny size; vs_reference.py and conv.py --torch say in one line what is missing (no torch, no
+tiny size, and dit_breakdown.py every part of the DiT step; vs_reference.py, vs_dit.py and
+conv.py --torch say in one line what is missing (no torch, no
 reference checkout) and exit with status 2."""
 
 import importlib.util
@@ -95,3 +96,58 @@ def test_conv_torch_column_without_torch(capsys, monkeypatch):
   assert exit_.value.code == 2
   out = capsys.readouterr().out.strip()
   assert len(out.splitlines()) == 1 and "needs PyTorch" in out and "[reference]" in out
+
+
+def test_dit_breakdown_prints_every_part():
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
+         "XLA_FLAGS": " ".join([os.environ.get("XLA_FLAGS", ""),
+                                "--xla_backend_optimization_level=0"])}
+  proc = subprocess.run([sys.executable, os.path.join(BENCHMARKS, "dit_breakdown.py"), "--tiny",
+                         "--repeats", "1"], env=env, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  found = {}
+  for m in re.finditer(r"^\| ([^|]+?) \| ([\d.]+) \| (\d+) \| ([\d.e+-]+) \|", proc.stdout,
+                       flags=re.M):
+    found[m.group(1)] = (float(m.group(2)), float(m.group(4)))
+  assert list(found) == [
+      "whole step (loss, gradient, AdamW)", "· network forward + backward", "· network forward",
+      "attention core (scores, softmax, sum)", "QKV + output projections",
+      "MLP (Dense, GELU, Dense)", "LayerNorm + adaLN modulation + gates",
+      "conditioning (t, z MLPs; adaLN Dense)", "patchify, in/out projections",
+      "optimizer update (AdamW)"], proc.stdout
+  assert all(ms > 0 and gflop > 0 for ms, gflop in found.values()), proc.stdout
+  # the backward pass costs more FLOPs than the forward pass alone
+  assert found["· network forward + backward"][1] > 2 * found["· network forward"][1]
+  assert "float32 peak" in proc.stdout
+
+
+def test_vs_dit_without_a_checkout(tmp_path, capsys):
+  module = load("vs_dit")
+  with pytest.raises(SystemExit) as exit_:
+    module.main(["--reference", str(tmp_path / "nowhere")])
+  assert exit_.value.code == 2
+  out = capsys.readouterr().out.strip()
+  assert len(out.splitlines()) == 1 and "not a checkout of" in out and "models.py" in out
+
+
+def test_vs_dit_without_torch(tmp_path, capsys, monkeypatch):
+  (tmp_path / "models.py").write_text("")
+  monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
+  module = load("vs_dit")
+  with pytest.raises(SystemExit) as exit_:
+    module.main(["--reference", str(tmp_path)])
+  assert exit_.value.code == 2
+  out = capsys.readouterr().out.strip()
+  assert len(out.splitlines()) == 1 and "PyTorch is not installed" in out
+  assert "[reference]" in out
+
+
+def test_vs_dit_ours_alone_times_every_case(capsys):
+  """Without the reference (--impls ours) the script needs neither torch nor a real checkout's
+  code: it times our step in a worker process and prints a row per case."""
+  module = load("vs_dit")
+  module.main(["--impls", "ours", "--cases", "train32", "--rounds", "1", "--steps", "1", "--warmup", "0"])
+  out = capsys.readouterr().out
+  assert "1,284,785 trained parameters" in out
+  row = re.search(r"^\| train32 \| ([\d.]+) \(([\d,]+)\) \|", out, flags=re.M)
+  assert row and float(row.group(1)) > 0, out

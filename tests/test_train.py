@@ -61,6 +61,8 @@ def tiny_config(**overrides):
       "em.joint_warmup_rounds": 5}, "two warm-ups: set one"),
     ({"em.warm_langevin.step_rule": "hmc"}, "unknown em.warm_langevin.step_rule"),
     ({"em.em_enc_lr_scale": 0.0}, "em.em_enc_lr_scale must be > 0"),
+    ({"model.decoder": "diffusion", "model.denoiser": "dit", "model.dit_dtype": "float16"},
+     "model.dit_dtype='float16' is not one of"),
 ])
 def test_bad_config_fails_with_one_line(override, message):
   with pytest.raises(train.UsageError) as err:
