@@ -29,7 +29,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from diffenc_jax import (baselines, checkpointing, data, decoders, em, evaluate, losses, methods,
-                         models, posterior, samplers, schedules, visualize)
+                         models, posterior, runs, samplers, schedules, visualize)
 
 MODES = ("train", "eval", "reconstruct", "sample", "encode")
 LR_SCHEDULES = ("constant", "cosine")
@@ -378,10 +378,15 @@ class Trainer:
     return jax.make_array_from_process_local_data(self.round_sharding, local)
 
   # --- training -------------------------------------------------------------------------
-  def train(self, state: em.TrainState | None = None) -> dict:
+  def train(self, state: em.TrainState | None = None,
+            stop: runs.StopOnSignal | None = None) -> dict:
     """Trains from `state` (default: `restore_or_init`) to train.num_steps rounds. On any error,
     divergence or KeyboardInterrupt, pending checkpoint saves finish first and the error names
-    the newest checkpoint that is on disk."""
+    the newest checkpoint that is on disk. On SIGTERM or SIGINT (`stop`, default: handlers
+    installed here) the current round is finished and checkpointed, then runs.Stopped names it."""
+    if stop is None:
+      with runs.StopOnSignal() as stop:
+        return self.train(state, stop)
     from tqdm import tqdm
     from tensorboardX import SummaryWriter
 
@@ -403,6 +408,8 @@ class Trainer:
     elapsed = previous_elapsed(metrics_path, start) - t_last
     try:
       for step in bar:
+        if stop.requested():  # a signal during the restore or the last round's evaluation
+          raise runs.Stopped(stop.signum, "")
         state, metrics = self.round(state, self.global_batch(batches, step),
                                     jax.random.fold_in(base_key, step))
         done = step + 1
@@ -423,9 +430,12 @@ class Trainer:
           if is_main:
             visualize.save_reconstructions(test, local, os.path.join(self.workdir,
                                                                      f"recon_{done:06d}.png"))
-        if done % cfg.train.checkpoint_every == 0 or done == cfg.train.num_steps:
+        if (done % cfg.train.checkpoint_every == 0 or done == cfg.train.num_steps
+            or stop.requested()):
           self._finite(metrics, done)
           self.save(state)
+      if stop.requested():
+        raise runs.Stopped(stop.signum, "")
       self.checkpoints.wait_until_finished()
     except BaseException as e:
       bar.close()
@@ -435,6 +445,9 @@ class Trainer:
       kept += failure
       if isinstance(e, FloatingPointError):
         raise FloatingPointError(f"{e}; {kept}") from None
+      if isinstance(e, runs.Stopped):
+        raise runs.Stopped(e.signum, f"stopped by {stop.name} after {done} rounds; {kept}"
+                           ) from None
       if isinstance(e, KeyboardInterrupt):
         raise KeyboardInterrupt(f"interrupted after {done} rounds; {kept}") from None
       e.add_note(f"diffenc_jax: training stopped after {done} rounds; {kept}")
@@ -499,29 +512,41 @@ def train_and_evaluate(config, workdir: str) -> dict:
                      + ("no checkpoints/ folder" if os.path.isdir(workdir) else "no such directory"))
   check_resume(config, workdir)
   if mode == "train":
-    os.makedirs(workdir, exist_ok=True)
-    lock = checkpointing.WorkdirLock(workdir)
-    error = ""
-    if jax.process_index() == 0:
-      try:
-        lock.acquire()
-      except checkpointing.WorkdirInUse as e:
-        error = str(e)
-    if jax.process_count() > 1 and multihost_utils.broadcast_one_to_all(np.int32(bool(error))):
-      error = error or "process 0 could not take the lock of the workdir"
-    if error:
-      raise UsageError(error)
+    with runs.StopOnSignal() as stop:
+      return _train(config, workdir, info, stop)
+  return _use(config, workdir, info)
+
+
+def _train(config, workdir: str, info: data.DatasetInfo, stop: runs.StopOnSignal) -> dict:
+  """Training mode of `train_and_evaluate`: the workdir's lock held throughout."""
+  os.makedirs(workdir, exist_ok=True)
+  lock = checkpointing.WorkdirLock(workdir)
+  error = ""
+  if jax.process_index() == 0:
     try:
-      trainer = Trainer(config, workdir, info)
-      state = trainer.restore_or_init(set_aside=True)
-      if jax.process_index() == 0:  # what `diffenc_jax.api` rebuilds the model from
-        path = os.path.join(workdir, "config.json")
-        with open(path + ".tmp", "w") as f:
-          f.write(config.to_json(indent=1))
-        os.replace(path + ".tmp", path)
-      return trainer.train(state)
-    finally:
-      lock.release()
+      lock.acquire()
+    except checkpointing.WorkdirInUse as e:
+      error = str(e)
+  if jax.process_count() > 1 and multihost_utils.broadcast_one_to_all(np.int32(bool(error))):
+    error = error or "process 0 could not take the lock of the workdir"
+  if error:
+    raise UsageError(error)
+  try:
+    trainer = Trainer(config, workdir, info)
+    state = trainer.restore_or_init(set_aside=True)
+    if jax.process_index() == 0:  # what `diffenc_jax.api` rebuilds the model from
+      path = os.path.join(workdir, "config.json")
+      with open(path + ".tmp", "w") as f:
+        f.write(config.to_json(indent=1))
+      os.replace(path + ".tmp", path)
+    return trainer.train(state, stop)
+  finally:
+    lock.release()
+
+
+def _use(config, workdir: str, info: data.DatasetInfo) -> dict:
+  """The modes of `train_and_evaluate` that use a trained run: eval, reconstruct, sample, encode."""
+  mode = config.train.mode
   trainer = Trainer(config, workdir, info)
   state = trainer.for_evaluation(trainer.restore_or_init(require=True))
   test = evaluate.HeldOut.load(config, trainer.method)

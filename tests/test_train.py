@@ -542,3 +542,61 @@ def test_two_processes_match_one(tmp_path):
   assert sum("train/gap" in l for l in lines) == sum("eval/psnr_z0" in l for l in lines) == 1
   assert os.listdir(os.path.join(workdir, "checkpoints")) == ["2"]
   assert json.load(open(os.path.join(workdir, "config.json")))["train"]["num_steps"] == 2
+
+
+def _rounds(config, num_rounds):
+  """The state after num_rounds training rounds, run directly (no checkpoints, no evaluation)."""
+  trainer = train.Trainer(config, "/nonexistent/unused")
+  state = trainer.fresh_state()
+  batches = data.TrainBatches(config.data, batch_size=config.train.batch_size, seed=config.seed)
+  for step in range(num_rounds):
+    state, _ = trainer.round(state, trainer.global_batch(batches, step),
+                             jax.random.fold_in(jax.random.key(config.seed), step))
+  return jax.device_get(state)
+
+
+@pytest.mark.parametrize("signum", [15, 2], ids=["SIGTERM", "SIGINT"])
+def test_signal_during_a_save_keeps_the_round_and_resumes_bitwise(tmp_path, signum):
+  """SIGTERM (a scheduler's preemption) or SIGINT (Ctrl-C) sent while a checkpoint is being
+  written (its `N.orbax-checkpoint-tmp` on disk): the run finishes and checkpoints its current
+  round, releases the lock, prints one line naming the checkpoint and exits 128 + signal. (It
+  used to exit 143 silently, leaving the tmp folder and the lock; Ctrl-C lost that checkpoint.)
+  Resumed, it ends bitwise where an uninterrupted run does."""
+  import signal
+  import time
+  from diffenc_jax import checkpointing
+  workdir, rounds = tmp_path / "run", 8
+  ckpts = workdir / "checkpoints"
+  proc = subprocess.Popen(
+      [sys.executable, os.path.join(ROOT, "main.py"), "--config", "configs/tiny.py",
+       f"--config.train.num_steps={rounds}", f"--config.train.eval_every={rounds}",
+       "--workdir", str(workdir)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  seen = None
+  while seen is None and proc.poll() is None:
+    names = os.listdir(ckpts) if ckpts.is_dir() else []
+    seen = next((n for n in names if "orbax-checkpoint-tmp" in n), None)
+    time.sleep(0.001)
+  proc.send_signal(signum)
+  _, err = proc.communicate(timeout=300)
+  assert seen is not None, "the run ended before a save was seen"
+  assert proc.returncode == 128 + signum, err[-2000:]
+  errors = [l for l in err.splitlines() if "error" in l.lower() or "Traceback" in l]
+  assert len(errors) == 1, err[-3000:]
+  name = signal.Signals(signum).name
+  done = int(errors[0].split(" after ")[1].split()[0])
+  assert errors[0] == (f"error: stopped by {name} after {done} rounds; the newest checkpoint on "
+                       f"disk is {done} ({workdir}/checkpoints/{done})")
+  assert int(seen.split(".")[0]) <= done < rounds
+  assert str(done) in os.listdir(ckpts)
+  assert not [n for n in os.listdir(ckpts) if "tmp" in n]
+  assert not (workdir / checkpointing.LOCK_NAME).exists()
+  if signum != signal.SIGTERM:  # the same path: the checkpoint restores, resumed once below
+    config = tiny_config(**{"train.num_steps": rounds})
+    assert int(train.Trainer(config, str(workdir)).restore_or_init(require=True).step) == done
+    return
+  resumed, _ = final_state(tiny_config(**{"train.num_steps": rounds}), str(workdir))
+  straight = _rounds(tiny_config(**{"train.num_steps": rounds}), rounds)
+  assert int(resumed.step) == rounds
+  for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
+    np.testing.assert_array_equal(a, b)

@@ -1,0 +1,64 @@
+"""What a training run does when it is told to stop, and what it records beside its config.
+
+  StopOnSignal()      SIGTERM / SIGINT set a flag that the training loop reads between rounds
+  Stopped             raised by the loop once the current round is checkpointed
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Stopped(Exception):
+  """Training stopped on a signal after checkpointing its current round; `signum` is the signal."""
+
+  def __init__(self, signum: int, message: str):
+    super().__init__(message)
+    self.signum = signum
+
+
+class StopOnSignal:
+  """Within `with StopOnSignal() as stop:`, SIGTERM and SIGINT (Ctrl-C) only record the signal:
+  `stop.requested()` turns true and training stops once its current round is checkpointed. A
+  second signal raises KeyboardInterrupt at once (pending saves are still awaited). Handlers are
+  installed only in the main thread (Python's rule) and restored on exit."""
+
+  def __init__(self):
+    self.signum: int | None = None
+    self._previous = {}
+
+  def _handle(self, signum, frame):  # pylint: disable=unused-argument
+    if self.signum is not None:
+      raise KeyboardInterrupt(f"{signal.Signals(signum).name} received twice")
+    self.signum = signum
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for s in STOP_SIGNALS:
+        self._previous[s] = signal.signal(s, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    for s, handler in self._previous.items():
+      signal.signal(s, handler)
+    self._previous = {}
+
+  def requested(self) -> bool:
+    """Whether any process got a stop signal (all processes agree, so that all of them save)."""
+    if jax.process_count() == 1:
+      return self.signum is not None
+    got = multihost_utils.process_allgather(np.int32(self.signum or 0))
+    if self.signum is None and np.any(got):
+      self.signum = int(np.max(got))
+    return bool(np.any(got))
+
+  @property
+  def name(self) -> str:
+    return signal.Signals(self.signum).name if self.signum else "a signal"
