@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from diffenc_jax import em, evaluate, train, visualize
+from diffenc_jax import em, evaluate, runs, train, visualize
 
 Array = jax.Array
 MODES = ("slerp", "lerp")
@@ -109,10 +109,9 @@ class Autoencoder:
     if not os.path.isdir(os.path.join(workdir, "checkpoints")):
       raise train.UsageError(f"no trained model in {workdir}: no checkpoints/ folder")
     try:
-      with open(config_path) as f:
-        config = ml_collections.ConfigDict(json.load(f))
+      config = ml_collections.ConfigDict(runs.read_config(workdir)[0])
     except ValueError as e:
-      raise train.UsageError(f"unreadable {config_path}: {e}") from None
+      raise train.UsageError(str(e)) from None
     try:
       trainer = train.Trainer(config, workdir)
     except train.UsageError:

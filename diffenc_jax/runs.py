@@ -2,10 +2,20 @@
 
   StopOnSignal()      SIGTERM / SIGINT set a flag that the training loop reads between rounds
   Stopped             raised by the loop once the current round is checkpointed
+  read_config(workdir), write_config(workdir, config, record)
+                      workdir/config.json: the run's config and, under RECORD_KEY, its record:
+                      `checksummed_from` (the first step whose checkpoint was saved with a
+                      checksum: from there on a checkpoint without a readable one is damaged)
+                      and `data` (the fingerprint of the data it was trained on)
+
+A run whose config.json has no record was written by an older version: its checkpoints may
+lack checksums, and its data was not fingerprinted.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 import threading
 
@@ -62,3 +72,37 @@ class StopOnSignal:
   @property
   def name(self) -> str:
     return signal.Signals(self.signum).name if self.signum else "a signal"
+
+
+# --- workdir/config.json ------------------------------------------------------------------------
+
+CONFIG_NAME = "config.json"
+RECORD_KEY = "run_record"
+
+
+def read_config(workdir: str) -> tuple[dict, dict | None] | None:
+  """(the config's fields, the run's record or None for an older run) of workdir/config.json,
+  None where there is no such file. Raises ValueError (one line) where it is unreadable or not
+  a JSON object."""
+  path = os.path.join(workdir, CONFIG_NAME)
+  if not os.path.isfile(path):
+    return None
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ValueError(f"unreadable {path}: {' '.join(str(e).split())}") from None
+  if not isinstance(saved, dict) or not isinstance(saved.get(RECORD_KEY, {}), dict):
+    raise ValueError(f"unreadable {path}: not a config (a JSON object of config fields), "
+                     f"but {type(saved).__name__} {json.dumps(saved)[:60]}")
+  record = saved.pop(RECORD_KEY, None)
+  return saved, record
+
+
+def write_config(workdir: str, config, record: dict) -> None:
+  """Writes config (a ConfigDict) and the run's record to workdir/config.json atomically."""
+  path = os.path.join(workdir, CONFIG_NAME)
+  fields = json.loads(config.to_json())
+  with open(path + ".tmp", "w") as f:
+    json.dump({**fields, RECORD_KEY: record}, f, indent=1)
+  os.replace(path + ".tmp", path)

@@ -230,14 +230,13 @@ def check_resume(config, workdir: str) -> None:
   """Where workdir already holds a run (its config.json), raises UsageError naming the first
   field that differs from config and is not in RESUMABLE_FIELDS. Fields new in config (added by
   a later version of this code) are accepted."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(path):
-    return
   try:
-    with open(path) as f:
-      old = _flat(json.load(f))
+    saved = runs.read_config(workdir)
   except ValueError as e:
-    raise UsageError(f"unreadable {path}: {e}") from None
+    raise UsageError(str(e)) from None
+  if saved is None:
+    return
+  old = _flat(saved[0])
   new = _flat(json.loads(config.to_json()))
   for field in sorted(old):
     if field not in new:
@@ -271,6 +270,7 @@ class Trainer:
     self.round = jax.jit(self.augmented_round,
                          in_shardings=(self.replicated, self.round_sharding, self.replicated),
                          out_shardings=(self.replicated, self.replicated), donate_argnums=0)
+    self.checksummed_from = checksummed_from(self.workdir)
     self.checkpoints = ocp.CheckpointManager(
         os.path.join(self.workdir, "checkpoints"),
         options=ocp.CheckpointManagerOptions(max_to_keep=config.train.keep_checkpoints,
@@ -312,7 +312,9 @@ class Trainer:
     bad = []
     for s in [step] if step is not None else steps:
       try:
-        state, verified = checkpointing.restore_checked(self.checkpoints, s, abstract)
+        state, verified = checkpointing.restore_checked(
+            self.checkpoints, s, abstract,
+            require_digest=self.checksummed_from is not None and s >= self.checksummed_from)
       except checkpointing.Unreadable as e:
         bad.append((s, str(e)))
         continue
@@ -323,7 +325,7 @@ class Trainer:
         self._pass_over(b, why, s, set_aside)
       if not verified:
         _warn(f"checkpoint {s} in {self.workdir}/checkpoints has no checksum (saved by an "
-              f"older version?): restored unverified")
+              f"older version of diffenc_jax): restored unverified")
       return state
     (s, why), more = bad[0], len(bad) - 1
     raise UsageError(f"cannot restore checkpoint {s} in {self.workdir}: {why}"
@@ -491,6 +493,19 @@ def previous_elapsed(metrics_path: str, start: int) -> float:
   return elapsed
 
 
+def checksummed_from(workdir: str) -> int | None:
+  """The first step from which workdir's checkpoints must carry a checksum (its config.json's
+  record; 0 for a new run), or None for a run of an older version, none of whose checkpoints
+  need one."""
+  try:
+    saved = runs.read_config(workdir)
+  except ValueError as e:
+    raise UsageError(str(e)) from None
+  if saved is None:
+    return 0
+  return None if saved[1] is None else int(saved[1].get("checksummed_from", 0))
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
   """Runs config.train.mode in workdir; returns the held-out metrics where the mode has them.
 
@@ -535,10 +550,10 @@ def _train(config, workdir: str, info: data.DatasetInfo, stop: runs.StopOnSignal
     trainer = Trainer(config, workdir, info)
     state = trainer.restore_or_init(set_aside=True)
     if jax.process_index() == 0:  # what `diffenc_jax.api` rebuilds the model from
-      path = os.path.join(workdir, "config.json")
-      with open(path + ".tmp", "w") as f:
-        f.write(config.to_json(indent=1))
-      os.replace(path + ".tmp", path)
+      first = trainer.checksummed_from
+      # a run of an older version: its checkpoints up to the one restored have no checksum
+      record = {"checksummed_from": int(state.step) + 1 if first is None else first}
+      runs.write_config(workdir, config, record)
     return trainer.train(state, stop)
   finally:
     lock.release()
