@@ -14,6 +14,7 @@ lack checksums, and its data was not fingerprinted.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -22,6 +23,8 @@ import threading
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
+
+from diffenc_jax import data
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -106,3 +109,16 @@ def write_config(workdir: str, config, record: dict) -> None:
   with open(path + ".tmp", "w") as f:
     json.dump({**fields, RECORD_KEY: record}, f, indent=1)
   os.replace(path + ".tmp", path)
+
+
+def data_fingerprint(config, info) -> dict:
+  """What a run records of its training data: the dataset's name, example shape, number of
+  training examples and classes, and the sha256 of its first training batch (images and labels,
+  with the run's seed and batch size)."""
+  batch = data.TrainBatches(config.data, batch_size=config.train.batch_size, seed=config.seed).get(0)
+  digest = hashlib.sha256()
+  for key in ("image", "label"):
+    digest.update(np.ascontiguousarray(batch[key]).tobytes())
+  return {"name": info.name, "shape": [int(n) for n in info.shape],
+          "num_train": int(info.num_train), "num_classes": int(info.num_classes),
+          "is_image": bool(info.is_image), "first_batch_sha256": digest.hexdigest()}

@@ -253,6 +253,42 @@ def _warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
+def restore_newest(checkpoints: ocp.CheckpointManager, workdir: str, abstract,
+                   checksummed_from: int | None, steps: list[int], pass_over=None):
+  """The first of `steps` (newest first) whose checkpoint restores against `abstract` (shapes,
+  dtypes and tree structure must match exactly: never a silent partial restore) and matches its
+  checksum (required from step `checksummed_from` on; None: never). Each newer one that does not
+  is handed to pass_over(step, why, restored step) (default: `leave_as_it_is`). UsageError
+  (one line) where none restores or the checkpoint is of another model."""
+  pass_over = pass_over or (lambda b, why, s: leave_as_it_is(workdir, b, why, s))
+  bad = []
+  for s in steps:
+    try:
+      state, verified = checkpointing.restore_checked(
+          checkpoints, s, abstract,
+          require_digest=checksummed_from is not None and s >= checksummed_from)
+    except checkpointing.Unreadable as e:
+      bad.append((s, str(e)))
+      continue
+    except checkpointing.Mismatch as e:
+      raise UsageError(f"cannot restore checkpoint {s} in {workdir}: it does not match "
+                       f"the config: {e}") from None
+    for b, why in bad:
+      pass_over(b, why, s)
+    if not verified:
+      _warn(f"checkpoint {s} in {workdir}/checkpoints has no checksum (saved by an "
+            f"older version of diffenc_jax): restored unverified")
+    return state
+  (s, why), more = bad[0], len(bad) - 1
+  raise UsageError(f"cannot restore checkpoint {s} in {workdir}: {why}"
+                   + (f" (nor any of the {more} older ones)" if more else ""))
+
+
+def leave_as_it_is(workdir: str, step: int, why: str, restored: int) -> None:
+  _warn(f"checkpoint {step} is unreadable ({why}): {workdir}/checkpoints/{step} left as it is, "
+        f"using checkpoint {restored}")
+
+
 class Trainer:
   """Holds the mesh, the jitted round and evaluation functions, and the checkpoint manager."""
 
@@ -309,33 +345,14 @@ class Trainer:
     abstract = jax.eval_shape(self.method.init_state, jax.random.key(0))
     abstract = jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self.replicated), abstract)
-    bad = []
-    for s in [step] if step is not None else steps:
-      try:
-        state, verified = checkpointing.restore_checked(
-            self.checkpoints, s, abstract,
-            require_digest=self.checksummed_from is not None and s >= self.checksummed_from)
-      except checkpointing.Unreadable as e:
-        bad.append((s, str(e)))
-        continue
-      except checkpointing.Mismatch as e:
-        raise UsageError(f"cannot restore checkpoint {s} in {self.workdir}: it does not match "
-                         f"the config: {e}") from None
-      for b, why in bad:
-        self._pass_over(b, why, s, set_aside)
-      if not verified:
-        _warn(f"checkpoint {s} in {self.workdir}/checkpoints has no checksum (saved by an "
-              f"older version of diffenc_jax): restored unverified")
-      return state
-    (s, why), more = bad[0], len(bad) - 1
-    raise UsageError(f"cannot restore checkpoint {s} in {self.workdir}: {why}"
-                     + (f" (nor any of the {more} older ones)" if more else ""))
+    return restore_newest(self.checkpoints, self.workdir, abstract, self.checksummed_from,
+                          steps=[step] if step is not None else steps,
+                          pass_over=lambda b, why, s: self._pass_over(b, why, s, set_aside))
 
   def _pass_over(self, step: int, why: str, restored: int, set_aside: bool) -> None:
     where = f"{self.workdir}/checkpoints/{step}"
     if not set_aside:
-      _warn(f"checkpoint {step} is unreadable ({why}): {where} left as it is, "
-            f"using checkpoint {restored}")
+      leave_as_it_is(self.workdir, step, why, restored)
       return
     target = os.path.join(self.workdir, "damaged_checkpoints", str(step))
     suffix = 0
@@ -552,7 +569,8 @@ def _train(config, workdir: str, info: data.DatasetInfo, stop: runs.StopOnSignal
     if jax.process_index() == 0:  # what `diffenc_jax.api` rebuilds the model from
       first = trainer.checksummed_from
       # a run of an older version: its checkpoints up to the one restored have no checksum
-      record = {"checksummed_from": int(state.step) + 1 if first is None else first}
+      record = {"checksummed_from": int(state.step) + 1 if first is None else first,
+                "data": runs.data_fingerprint(config, info)}
       runs.write_config(workdir, config, record)
     return trainer.train(state, stop)
   finally:
