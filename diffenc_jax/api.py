@@ -247,6 +247,7 @@ class Autoencoder:
     x_T = jnp.asarray(x_T, jnp.float32)
     if x_T.shape != (z.shape[0],) + self.data_shape:
       raise ValueError(f"x_T must have shape {(z.shape[0],) + self.data_shape}, got {x_T.shape}")
+    self._nonempty_finite(x_T, "x_T")
     return self._decode_from(self.params, z, x_T, self._key(key))
 
   def encode_stochastic(self, x, z=None, key: Array | None = None) -> Array:
@@ -270,6 +271,11 @@ class Autoencoder:
     direction = jnp.asarray(direction, jnp.float32)
     if direction.shape != (self.latent_dim,):
       raise ValueError(f"direction must have shape ({self.latent_dim},), got {direction.shape}")
+    self._nonempty_finite(direction, "direction")
+    if not bool(jnp.any(direction)):
+      raise ValueError("direction is the zero vector: it points nowhere")
+    if not isinstance(scale, (int, float, np.integer, np.floating)) or not np.isfinite(scale):
+      raise ValueError(f"scale must be a finite number, got {scale!r}")
     return self._manipulate(self.params, x, direction, jnp.float32(scale), self._key(key),
                             *self.code_statistics())
 

@@ -283,3 +283,25 @@ def test_a_trained_model_loads_without_its_dataset(tmp_path):
   assert x_hat.shape == x.shape and np.all(np.isfinite(x_hat))
   samples = model.sample(3)
   assert samples.shape == (3, 28, 28, 1) and np.all(np.isfinite(samples))
+
+
+def test_what_cannot_be_decoded_or_moved_along_is_refused(model, diffae_model, images):
+  """NaN or infinite directions, scales and x_T used to give NaN images; each public input is
+  checked as x and z are, in one line."""
+  d = model.latent_dim
+  for direction, message in ((np.full(d, np.nan), f"direction holds {d} NaN"),
+                             (np.where(np.arange(d) == 0, np.inf, 1.0),
+                              "direction holds 1 NaN or infinite"),
+                             (np.zeros(d), "direction is the zero vector")):
+    with pytest.raises(ValueError, match=message):
+      model.manipulate(images, direction)
+  for scale in (np.nan, np.inf, "2"):
+    with pytest.raises(ValueError, match="scale must be a finite number"):
+      model.manipulate(images, np.ones(d), scale)
+  m, key = diffae_model, jax.random.key(4)
+  z = m.encode(images, key)
+  x_T = np.array(m.encode_stochastic(images, z))
+  x_T[0, 0, 0, 0], x_T[3, 1, 1, 0] = np.nan, -np.inf
+  with pytest.raises(ValueError, match="x_T holds 2 NaN or infinite values"):
+    m.decode(z, key, x_T=x_T)
+  assert np.all(np.isfinite(m.manipulate(images, np.ones(d), 2.0)))
