@@ -43,7 +43,7 @@ class WorkdirInUse(Exception):
 
 
 def first_line(error: BaseException) -> str:
-  text = str(error).strip()
+  text = str(error).strip().split(" See full TensorStore details")[0]  # a repr of many lines
   return text.splitlines()[0][:300] if text else type(error).__name__
 
 

@@ -6,7 +6,11 @@
                       workdir/config.json: the run's config and, under RECORD_KEY, its record:
                       `checksummed_from` (the first step whose checkpoint was saved with a
                       checksum: from there on a checkpoint without a readable one is damaged)
-                      and `data` (the fingerprint of the data it was trained on)
+                      and `data` (`data_fingerprint`: what it was trained on)
+  check_writable(path), trim_metrics(path, start)
+                      a workdir that takes files; metrics.jsonl cut back to a resumed round
+  log_to_file(workdir)
+                      Python logging (orbax's warnings, tracebacks) to workdir/LOG_NAME
 
 A run whose config.json has no record was written by an older version: its checkpoints may
 lack checksums, and its data was not fingerprinted.
@@ -14,11 +18,16 @@ lack checksums, and its data was not fingerprinted.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 import json
+import logging
 import os
 import signal
+import sys
 import threading
+import uuid
 
 import jax
 import numpy as np
@@ -122,3 +131,79 @@ def data_fingerprint(config, info) -> dict:
   return {"name": info.name, "shape": [int(n) for n in info.shape],
           "num_train": int(info.num_train), "num_classes": int(info.num_classes),
           "is_image": bool(info.is_image), "first_batch_sha256": digest.hexdigest()}
+
+
+# --- the workdir --------------------------------------------------------------------------------
+
+
+def check_writable(path: str) -> None:
+  """Raises OSError where the existing directory `path` does not take a new file (read-only,
+  immutable, full); a missing `path` passes."""
+  if not os.path.isdir(path):
+    return
+  probe = os.path.join(path, f".write_test.{uuid.uuid4().hex}")
+  with open(probe, "w") as f:
+    f.write("diffenc_jax")
+  os.remove(probe)
+
+
+def trim_metrics(metrics_path: str, start: int) -> None:
+  """Drops the records of rounds after `start` (and lines cut short by a crash) from a run's
+  metrics.jsonl, so that a run resumed from round `start` logs each round once."""
+  if not os.path.exists(metrics_path):
+    return
+  with open(metrics_path) as f:
+    lines = f.readlines()
+  kept = []
+  for line in lines:
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:
+      continue
+    if isinstance(record, dict) and record.get("step", start + 1) <= start:
+      kept.append(line if line.endswith("\n") else line + "\n")
+  if kept != lines:
+    with open(metrics_path + ".tmp", "w") as f:
+      f.writelines(kept)
+    os.replace(metrics_path + ".tmp", metrics_path)
+
+
+# --- the workdir's log file ---------------------------------------------------------------------
+
+LOG_NAME = "diffenc_jax.log"
+# records of what went wrong in full (tracebacks): written to the log file only
+DETAILS = logging.getLogger("diffenc_jax.details")
+DETAILS.propagate = False
+DETAILS.addHandler(logging.NullHandler())
+
+
+@contextlib.contextmanager
+def log_to_file(workdir: str):
+  """Within the block, Python logging (absl, orbax, asyncio, and DETAILS) goes to
+  workdir/LOG_NAME instead of the terminal: a damaged checkpoint costs one warning line there,
+  with its tracebacks in the file. Process 0 writes it; other processes' records are dropped."""
+  root = logging.getLogger()
+  handler = (logging.FileHandler(os.path.join(workdir, LOG_NAME), delay=True)
+             if jax.process_index() == 0 else logging.NullHandler())
+  handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+  previous = root.handlers[:]
+  for h in previous:
+    root.removeHandler(h)
+  root.addHandler(handler)
+  DETAILS.addHandler(handler)
+  DETAILS.setLevel(logging.INFO)
+  previous_hook = sys.unraisablehook
+  # orbax's failed reads leave coroutines whose errors Python reports as 'Exception ignored'
+  sys.unraisablehook = lambda u: DETAILS.warning(
+      "%s: %s", u.err_msg or "Exception ignored in", u.object,
+      exc_info=(u.exc_type, u.exc_value, u.exc_traceback))
+  try:
+    yield
+  finally:
+    gc.collect()  # reports those coroutines now, into the file
+    sys.unraisablehook = previous_hook
+    DETAILS.removeHandler(handler)
+    root.removeHandler(handler)
+    for h in previous:
+      root.addHandler(h)
+    handler.close()

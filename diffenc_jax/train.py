@@ -34,8 +34,9 @@ from diffenc_jax import (baselines, checkpointing, data, decoders, em, evaluate,
 MODES = ("train", "eval", "reconstruct", "sample", "encode")
 LR_SCHEDULES = ("constant", "cosine")
 # the config fields that may differ from a workdir's config.json when its run is resumed or
-# evaluated: how long to train, how often to log / evaluate / checkpoint, and evaluation only.
-# Any other difference would silently change the run (or not restore): refused, naming the field.
+# evaluated: how long to train (not with a cosine schedule, which is a function of it), how
+# often to log / evaluate / checkpoint, and evaluation only. Any other difference would
+# silently change the run (or not restore): refused, naming the field.
 RESUMABLE_FIELDS = ("train.mode", "train.num_steps", "train.log_every", "train.eval_every",
                     "train.checkpoint_every", "train.keep_checkpoints", "em.eval_refine_steps",
                     "data.num_test", "eval.*")
@@ -246,6 +247,34 @@ def check_resume(config, workdir: str) -> None:
       raise UsageError(f"the run in {workdir} was trained with {field}={old[field]!r}, not "
                        f"{new[field]!r}; a resumed or evaluated run may change only "
                        f"{', '.join(RESUMABLE_FIELDS)} (or use another workdir)")
+  rounds = old.get("train.num_steps")
+  if (config.train.mode == "train" and old.get("train.lr_schedule") == "cosine"
+      and rounds != config.train.num_steps):
+    raise UsageError(f"the run in {workdir} follows a cosine learning-rate schedule over "
+                     f"train.num_steps={rounds} rounds: resumed with {config.train.num_steps} it "
+                     f"would recompute the learning rate of every later round (past its end, "
+                     f"raise it again); train for longer in another workdir")
+
+
+def check_data(config, info: data.DatasetInfo, workdir: str) -> dict:
+  """The fingerprint of the configured data (`runs.data_fingerprint`); raises UsageError (one
+  line) where the run in workdir recorded another one (its files replaced by other data). A run
+  of an older version recorded none: nothing to compare."""
+  fingerprint = runs.data_fingerprint(config, info)
+  try:
+    saved = runs.read_config(workdir)
+  except ValueError as e:
+    raise UsageError(str(e)) from None
+  recorded = (saved[1] or {}).get("data") if saved else None
+  differ = [k for k in sorted(recorded or {}) if recorded[k] != fingerprint.get(k)]
+  if differ:
+    show = lambda v: f"{v[:12]}…" if isinstance(v, str) and len(v) > 16 else repr(v)
+    raise UsageError(
+        f"the data is not what the run in {workdir} was trained on: "
+        + "; ".join(f"{k} {show(recorded[k])} then, {show(fingerprint.get(k))} now"
+                    for k in differ)
+        + " (were its files replaced? train on other data in another workdir)")
+  return fingerprint
 
 
 def _warn(message: str) -> None:
@@ -268,6 +297,7 @@ def restore_newest(checkpoints: ocp.CheckpointManager, workdir: str, abstract,
           checkpoints, s, abstract,
           require_digest=checksummed_from is not None and s >= checksummed_from)
     except checkpointing.Unreadable as e:
+      runs.DETAILS.warning("checkpoint %s in %s is unreadable", s, workdir, exc_info=True)
       bad.append((s, str(e)))
       continue
     except checkpointing.Mismatch as e:
@@ -425,6 +455,8 @@ class Trainer:
     t_last, s_last, eval_metrics, done = time.time(), start, {}, start
     # wall seconds of training so far, over every process that resumed this run
     elapsed = previous_elapsed(metrics_path, start) - t_last
+    if is_main:  # rounds after the checkpoint resumed from are logged again below
+      runs.trim_metrics(metrics_path, start)
     try:
       for step in bar:
         if stop.requested():  # a signal during the restore or the last round's evaluation
@@ -523,6 +555,13 @@ def checksummed_from(workdir: str) -> int | None:
   return None if saved[1] is None else int(saved[1].get("checksummed_from", 0))
 
 
+def check_writable(path: str) -> None:
+  try:
+    runs.check_writable(path)
+  except OSError as e:
+    raise UsageError(f"cannot write to {path}: {e.strerror or e}") from None
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
   """Runs config.train.mode in workdir; returns the held-out metrics where the mode has them.
 
@@ -539,19 +578,37 @@ def train_and_evaluate(config, workdir: str) -> dict:
   validate_data(config, info)
   workdir = os.path.abspath(workdir)
   mode = config.train.mode
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise UsageError(f"the workdir {workdir} is a file, not a directory")
   if mode != "train" and not os.path.isdir(os.path.join(workdir, "checkpoints")):
     raise UsageError(f"no trained run in {workdir} to {mode}: "
                      + ("no checkpoints/ folder" if os.path.isdir(workdir) else "no such directory"))
   check_resume(config, workdir)
+  fingerprint = check_data(config, info, workdir)
+  if mode != "train":  # what it writes goes there: fail before anything is computed
+    check_writable(workdir)
   if mode == "train":
     with runs.StopOnSignal() as stop:
-      return _train(config, workdir, info, stop)
-  return _use(config, workdir, info)
+      return _train(config, workdir, info, fingerprint, stop)
+  with runs.log_to_file(workdir):
+    return _use(config, workdir, info)
 
 
-def _train(config, workdir: str, info: data.DatasetInfo, stop: runs.StopOnSignal) -> dict:
+def _train(config, workdir: str, info: data.DatasetInfo, fingerprint: dict,
+           stop: runs.StopOnSignal) -> dict:
   """Training mode of `train_and_evaluate`: the workdir's lock held throughout."""
-  os.makedirs(workdir, exist_ok=True)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise UsageError(f"cannot create the workdir {workdir}: {e.strerror or e}") from None
+  check_writable(workdir)
+  check_writable(os.path.join(workdir, "checkpoints"))
+  with runs.log_to_file(workdir):
+    return _train_locked(config, workdir, info, fingerprint, stop)
+
+
+def _train_locked(config, workdir: str, info: data.DatasetInfo, fingerprint: dict,
+                  stop: runs.StopOnSignal) -> dict:
   lock = checkpointing.WorkdirLock(workdir)
   error = ""
   if jax.process_index() == 0:
@@ -570,7 +627,7 @@ def _train(config, workdir: str, info: data.DatasetInfo, stop: runs.StopOnSignal
       first = trainer.checksummed_from
       # a run of an older version: its checkpoints up to the one restored have no checksum
       record = {"checksummed_from": int(state.step) + 1 if first is None else first,
-                "data": runs.data_fingerprint(config, info)}
+                "data": fingerprint}
       runs.write_config(workdir, config, record)
     return trainer.train(state, stop)
   finally:
