@@ -315,6 +315,7 @@ def restore_newest(checkpoints: ocp.CheckpointManager, workdir: str, abstract,
 
 
 def leave_as_it_is(workdir: str, step: int, why: str, restored: int) -> None:
+  """One warning line: checkpoint `step` is unreadable and stays where it is."""
   _warn(f"checkpoint {step} is unreadable ({why}): {workdir}/checkpoints/{step} left as it is, "
         f"using checkpoint {restored}")
 
