@@ -9,7 +9,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from diffenc_jax import train
+from diffenc_jax import runs, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.",
@@ -51,6 +51,9 @@ def main(argv):
     train.train_and_evaluate(config, FLAGS.workdir)
   except (train.UsageError, FloatingPointError) as e:
     raise SystemExit(f"error: {e}") from None
+  except runs.Stopped as e:  # SIGTERM / SIGINT: the current round is checkpointed
+    print(f"error: {e}", file=sys.stderr)
+    raise SystemExit(128 + e.signum) from None
   except KeyboardInterrupt as e:
     print(f"error: {e or 'interrupted'}", file=sys.stderr)
     raise SystemExit(130) from None

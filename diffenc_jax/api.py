@@ -19,15 +19,15 @@ shape (and per `refine_steps`, `num`, `n`). `lerp` and `slerp` are pure and jitt
 
 from __future__ import annotations
 
-import json
 import os
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 
-from diffenc_jax import em, evaluate, train, visualize
+from diffenc_jax import data, em, evaluate, methods, runs, train, visualize
 
 Array = jax.Array
 MODES = ("slerp", "lerp")
@@ -93,30 +93,33 @@ class Autoencoder:
   @classmethod
   def load(cls, workdir: str, use_ema: bool | None = None,
            step: int | None = None) -> "Autoencoder":
-    """The model trained in `workdir` (by `train.train_and_evaluate` or main.py): its
-    config.json and its newest checkpoint, or checkpoint `step`. `use_ema=None` takes the
-    run's `config.eval.use_ema`. The model is rebuilt by `train.Trainer`, which reads the
-    run's dataset description (`data.get_info`): that dataset must be available here too.
-    Raises train.UsageError (one line) when the workdir, its config or the checkpoint is
-    missing or does not match."""
+    """The model trained in `workdir` (by `train.train_and_evaluate` or main.py) from its
+    config.json and its newest checkpoint, or checkpoint `step`: neither the dataset nor a
+    training setup is needed (the example shape is recorded in config.json; a run of an older
+    version without that record reads it from its dataset). `use_ema=None` takes the run's
+    `config.eval.use_ema`. Raises train.UsageError (one line) when the workdir, its config or
+    the checkpoint is missing or does not match."""
     workdir = os.path.abspath(os.fspath(workdir))
-    config_path = os.path.join(workdir, "config.json")
+    ckpt_dir = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(workdir):
       raise train.UsageError(f"no trained model in {workdir}: no such directory")
-    if not os.path.isfile(config_path):
+    if not os.path.isfile(os.path.join(workdir, runs.CONFIG_NAME)):
       raise train.UsageError(f"no trained model in {workdir}: no config.json (train mode "
                              f"writes it there)")
-    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    if not os.path.isdir(ckpt_dir):
       raise train.UsageError(f"no trained model in {workdir}: no checkpoints/ folder")
     try:
-      with open(config_path) as f:
-        config = ml_collections.ConfigDict(json.load(f))
+      fields, record = runs.read_config(workdir)
     except ValueError as e:
-      raise train.UsageError(f"unreadable {config_path}: {e}") from None
+      raise train.UsageError(str(e)) from None
+    config = ml_collections.ConfigDict(fields)
     try:
-      trainer = train.Trainer(config, workdir)
-    except train.UsageError:
-      raise
+      if record and "data" in record:
+        shape = tuple(record["data"]["shape"])
+      else:
+        shape = data.get_info(config.data).shape
+      method = methods.get_method(config, shape)
+      abstract = jax.eval_shape(method.init_state, jax.random.key(0))
     except (ValueError, KeyError, AttributeError) as e:  # a data config this machine lacks,
       first = str(e).splitlines()[0] if str(e) else repr(e)  # or a config field it lacks
       field = first.strip("\"' ")
@@ -125,14 +128,25 @@ class Autoencoder:
                                f"field '{field}' (written by another version of diffenc_jax?)"
                                ) from e
       raise train.UsageError(f"cannot rebuild the model of {workdir}: {first}") from e
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                            abstract)
+    checkpoints = ocp.CheckpointManager(
+        ckpt_dir, options=ocp.CheckpointManagerOptions(read_only=True, create=False))
     try:
-      if step is None and trainer.checkpoints.latest_step() is None:
+      steps = sorted(checkpoints.all_steps(), reverse=True)
+      if not steps:
         raise train.UsageError(f"no trained model in {workdir}: checkpoints/ is empty")
-      state = trainer.restore_or_init(require=True, step=step)
+      if step is not None and step not in steps:
+        raise train.UsageError(f"no checkpoint {step} in {ckpt_dir}; it holds steps "
+                               f"{sorted(steps)}")
+      state = train.restore_newest(checkpoints, workdir, abstract,
+                                   train.checksummed_from(workdir),
+                                   steps=[step] if step is not None else steps)
     finally:
-      trainer.checkpoints.close()
+      checkpoints.close()
     use_ema = config.eval.use_ema if use_ema is None else use_ema
-    return cls(config, trainer.method, state.eval_params(use_ema), int(state.step), use_ema)
+    return cls(config, method, state.eval_params(use_ema), int(state.step), use_ema)
 
   def __repr__(self):
     return (f"Autoencoder(method={self.config.method!r}, data_shape={self.data_shape}, "
@@ -233,6 +247,7 @@ class Autoencoder:
     x_T = jnp.asarray(x_T, jnp.float32)
     if x_T.shape != (z.shape[0],) + self.data_shape:
       raise ValueError(f"x_T must have shape {(z.shape[0],) + self.data_shape}, got {x_T.shape}")
+    self._nonempty_finite(x_T, "x_T")
     return self._decode_from(self.params, z, x_T, self._key(key))
 
   def encode_stochastic(self, x, z=None, key: Array | None = None) -> Array:
@@ -256,6 +271,11 @@ class Autoencoder:
     direction = jnp.asarray(direction, jnp.float32)
     if direction.shape != (self.latent_dim,):
       raise ValueError(f"direction must have shape ({self.latent_dim},), got {direction.shape}")
+    self._nonempty_finite(direction, "direction")
+    if not bool(jnp.any(direction)):
+      raise ValueError("direction is the zero vector: it points nowhere")
+    if not isinstance(scale, (int, float, np.integer, np.floating)) or not np.isfinite(scale):
+      raise ValueError(f"scale must be a finite number, got {scale!r}")
     return self._manipulate(self.params, x, direction, jnp.float32(scale), self._key(key),
                             *self.code_statistics())
 

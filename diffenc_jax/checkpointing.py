@@ -7,7 +7,9 @@ and one training run per workdir.
   WorkdirLock(workdir)   `workdir/train.lock`, holding the owner's pid and host
 
 The digest is written by orbax with the checkpoint itself (`_CHECKPOINT_METADATA`), so it is
-on disk exactly when the checkpoint is. Checkpoints saved before digests existed restore
+on disk exactly when the checkpoint is. Whether a checkpoint must have one is not read from that
+file (a damaged byte there could hide the digest): the caller says so (`require_digest`, from
+the run's record in config.json); only checkpoints saved before digests existed restore
 unverified.
 """
 
@@ -41,7 +43,7 @@ class WorkdirInUse(Exception):
 
 
 def first_line(error: BaseException) -> str:
-  text = str(error).strip()
+  text = str(error).strip().split(" See full TensorStore details")[0]  # a repr of many lines
   return text.splitlines()[0][:300] if text else type(error).__name__
 
 
@@ -77,15 +79,19 @@ def save(manager: ocp.CheckpointManager, state) -> None:
                custom_metadata={DIGEST_KEY: state_digest(state), SHAPES_KEY: shapes(state)})
 
 
-def restore_checked(manager: ocp.CheckpointManager, step: int, abstract):
+def restore_checked(manager: ocp.CheckpointManager, step: int, abstract,
+                    require_digest: bool = True):
   """(state, verified): checkpoint `step` restored against `abstract` and compared with the
-  digest saved with it (verified=False when it has none). Raises Unreadable(reason), or
+  digest saved with it (verified=False when it has none and require_digest is False). Raises
+  Unreadable(reason) (also for a missing or unreadable digest where one is required), or
   Mismatch(reason) before reading any array when the saved shapes are not the abstract's."""
   try:
     saved = manager.metadata(step).custom_metadata or {}
   except Exception as e:  # pylint: disable=broad-except
     raise Unreadable(f"metadata: {first_line(e)}") from e
   expected, saved_shapes = saved.get(DIGEST_KEY), saved.get(SHAPES_KEY)
+  if expected is None and require_digest:
+    raise Unreadable("its checksum is missing or unreadable (damaged _CHECKPOINT_METADATA)")
   if saved_shapes is not None:
     wanted = shapes(abstract)
     for path in sorted(set(wanted) | set(saved_shapes)):

@@ -29,13 +29,14 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from diffenc_jax import (baselines, checkpointing, data, decoders, em, evaluate, losses, methods,
-                         models, posterior, samplers, schedules, visualize)
+                         models, posterior, runs, samplers, schedules, visualize)
 
 MODES = ("train", "eval", "reconstruct", "sample", "encode")
 LR_SCHEDULES = ("constant", "cosine")
 # the config fields that may differ from a workdir's config.json when its run is resumed or
-# evaluated: how long to train, how often to log / evaluate / checkpoint, and evaluation only.
-# Any other difference would silently change the run (or not restore): refused, naming the field.
+# evaluated: how long to train (not with a cosine schedule, which is a function of it), how
+# often to log / evaluate / checkpoint, and evaluation only. Any other difference would
+# silently change the run (or not restore): refused, naming the field.
 RESUMABLE_FIELDS = ("train.mode", "train.num_steps", "train.log_every", "train.eval_every",
                     "train.checkpoint_every", "train.keep_checkpoints", "em.eval_refine_steps",
                     "data.num_test", "eval.*")
@@ -243,14 +244,13 @@ def check_resume(config, workdir: str) -> None:
   """Where workdir already holds a run (its config.json), raises UsageError naming the first
   field that differs from config and is not in RESUMABLE_FIELDS. Fields new in config (added by
   a later version of this code) are accepted."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(path):
-    return
   try:
-    with open(path) as f:
-      old = _flat(json.load(f))
+    saved = runs.read_config(workdir)
   except ValueError as e:
-    raise UsageError(f"unreadable {path}: {e}") from None
+    raise UsageError(str(e)) from None
+  if saved is None:
+    return
+  old = _flat(saved[0])
   new = _flat(json.loads(config.to_json()))
   for field in sorted(old):
     if field not in new:
@@ -260,11 +260,77 @@ def check_resume(config, workdir: str) -> None:
       raise UsageError(f"the run in {workdir} was trained with {field}={old[field]!r}, not "
                        f"{new[field]!r}; a resumed or evaluated run may change only "
                        f"{', '.join(RESUMABLE_FIELDS)} (or use another workdir)")
+  rounds = old.get("train.num_steps")
+  if (config.train.mode == "train" and old.get("train.lr_schedule") == "cosine"
+      and rounds != config.train.num_steps):
+    raise UsageError(f"the run in {workdir} follows a cosine learning-rate schedule over "
+                     f"train.num_steps={rounds} rounds: resumed with {config.train.num_steps} it "
+                     f"would recompute the learning rate of every later round (past its end, "
+                     f"raise it again); train for longer in another workdir")
+
+
+def check_data(config, info: data.DatasetInfo, workdir: str) -> dict:
+  """The fingerprint of the configured data (`runs.data_fingerprint`); raises UsageError (one
+  line) where the run in workdir recorded another one (its files replaced by other data). A run
+  of an older version recorded none: nothing to compare."""
+  fingerprint = runs.data_fingerprint(config, info)
+  try:
+    saved = runs.read_config(workdir)
+  except ValueError as e:
+    raise UsageError(str(e)) from None
+  recorded = (saved[1] or {}).get("data") if saved else None
+  differ = [k for k in sorted(recorded or {}) if recorded[k] != fingerprint.get(k)]
+  if differ:
+    show = lambda v: f"{v[:12]}…" if isinstance(v, str) and len(v) > 16 else repr(v)
+    raise UsageError(
+        f"the data is not what the run in {workdir} was trained on: "
+        + "; ".join(f"{k} {show(recorded[k])} then, {show(fingerprint.get(k))} now"
+                    for k in differ)
+        + " (were its files replaced? train on other data in another workdir)")
+  return fingerprint
 
 
 def _warn(message: str) -> None:
   if jax.process_index() == 0:
     print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def restore_newest(checkpoints: ocp.CheckpointManager, workdir: str, abstract,
+                   checksummed_from: int | None, steps: list[int], pass_over=None):
+  """The first of `steps` (newest first) whose checkpoint restores against `abstract` (shapes,
+  dtypes and tree structure must match exactly: never a silent partial restore) and matches its
+  checksum (required from step `checksummed_from` on; None: never). Each newer one that does not
+  is handed to pass_over(step, why, restored step) (default: `leave_as_it_is`). UsageError
+  (one line) where none restores or the checkpoint is of another model."""
+  pass_over = pass_over or (lambda b, why, s: leave_as_it_is(workdir, b, why, s))
+  bad = []
+  for s in steps:
+    try:
+      state, verified = checkpointing.restore_checked(
+          checkpoints, s, abstract,
+          require_digest=checksummed_from is not None and s >= checksummed_from)
+    except checkpointing.Unreadable as e:
+      runs.DETAILS.warning("checkpoint %s in %s is unreadable", s, workdir, exc_info=True)
+      bad.append((s, str(e)))
+      continue
+    except checkpointing.Mismatch as e:
+      raise UsageError(f"cannot restore checkpoint {s} in {workdir}: it does not match "
+                       f"the config: {e}") from None
+    for b, why in bad:
+      pass_over(b, why, s)
+    if not verified:
+      _warn(f"checkpoint {s} in {workdir}/checkpoints has no checksum (saved by an "
+            f"older version of diffenc_jax): restored unverified")
+    return state
+  (s, why), more = bad[0], len(bad) - 1
+  raise UsageError(f"cannot restore checkpoint {s} in {workdir}: {why}"
+                   + (f" (nor any of the {more} older ones)" if more else ""))
+
+
+def leave_as_it_is(workdir: str, step: int, why: str, restored: int) -> None:
+  """One warning line: checkpoint `step` is unreadable and stays where it is."""
+  _warn(f"checkpoint {step} is unreadable ({why}): {workdir}/checkpoints/{step} left as it is, "
+        f"using checkpoint {restored}")
 
 
 class Trainer:
@@ -285,6 +351,7 @@ class Trainer:
                          in_shardings=(self.replicated, self.round_sharding, self.replicated,
                                        self.round_sharding),
                          out_shardings=(self.replicated, self.replicated), donate_argnums=0)
+    self.checksummed_from = checksummed_from(self.workdir)
     self.checkpoints = ocp.CheckpointManager(
         os.path.join(self.workdir, "checkpoints"),
         options=ocp.CheckpointManagerOptions(max_to_keep=config.train.keep_checkpoints,
@@ -330,31 +397,14 @@ class Trainer:
     abstract = jax.eval_shape(self.method.init_state, jax.random.key(0))
     abstract = jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self.replicated), abstract)
-    bad = []
-    for s in [step] if step is not None else steps:
-      try:
-        state, verified = checkpointing.restore_checked(self.checkpoints, s, abstract)
-      except checkpointing.Unreadable as e:
-        bad.append((s, str(e)))
-        continue
-      except checkpointing.Mismatch as e:
-        raise UsageError(f"cannot restore checkpoint {s} in {self.workdir}: it does not match "
-                         f"the config: {e}") from None
-      for b, why in bad:
-        self._pass_over(b, why, s, set_aside)
-      if not verified:
-        _warn(f"checkpoint {s} in {self.workdir}/checkpoints has no checksum (saved by an "
-              f"older version?): restored unverified")
-      return state
-    (s, why), more = bad[0], len(bad) - 1
-    raise UsageError(f"cannot restore checkpoint {s} in {self.workdir}: {why}"
-                     + (f" (nor any of the {more} older ones)" if more else ""))
+    return restore_newest(self.checkpoints, self.workdir, abstract, self.checksummed_from,
+                          steps=[step] if step is not None else steps,
+                          pass_over=lambda b, why, s: self._pass_over(b, why, s, set_aside))
 
   def _pass_over(self, step: int, why: str, restored: int, set_aside: bool) -> None:
     where = f"{self.workdir}/checkpoints/{step}"
     if not set_aside:
-      _warn(f"checkpoint {step} is unreadable ({why}): {where} left as it is, "
-            f"using checkpoint {restored}")
+      leave_as_it_is(self.workdir, step, why, restored)
       return
     target = os.path.join(self.workdir, "damaged_checkpoints", str(step))
     suffix = 0
@@ -404,10 +454,15 @@ class Trainer:
             jax.make_array_from_process_local_data(self.round_sharding, index))
 
   # --- training -------------------------------------------------------------------------
-  def train(self, state: em.TrainState | None = None) -> dict:
+  def train(self, state: em.TrainState | None = None,
+            stop: runs.StopOnSignal | None = None) -> dict:
     """Trains from `state` (default: `restore_or_init`) to train.num_steps rounds. On any error,
     divergence or KeyboardInterrupt, pending checkpoint saves finish first and the error names
-    the newest checkpoint that is on disk."""
+    the newest checkpoint that is on disk. On SIGTERM or SIGINT (`stop`, default: handlers
+    installed here) the current round is finished and checkpointed, then runs.Stopped names it."""
+    if stop is None:
+      with runs.StopOnSignal() as stop:
+        return self.train(state, stop)
     from tqdm import tqdm
     from tensorboardX import SummaryWriter
 
@@ -427,8 +482,12 @@ class Trainer:
     t_last, s_last, eval_metrics, done = time.time(), start, {}, start
     # wall seconds of training so far, over every process that resumed this run
     elapsed = previous_elapsed(metrics_path, start) - t_last
+    if is_main:  # rounds after the checkpoint resumed from are logged again below
+      runs.trim_metrics(metrics_path, start)
     try:
       for step in bar:
+        if stop.requested():  # a signal during the restore or the last round's evaluation
+          raise runs.Stopped(stop.signum, "")
         xs, index = self.global_batch(batches, step)
         state, metrics = self.round(state, xs, jax.random.fold_in(base_key, step), index)
         done = step + 1
@@ -449,9 +508,12 @@ class Trainer:
           if is_main:
             visualize.save_reconstructions(test, local, os.path.join(self.workdir,
                                                                      f"recon_{done:06d}.png"))
-        if done % cfg.train.checkpoint_every == 0 or done == cfg.train.num_steps:
+        if (done % cfg.train.checkpoint_every == 0 or done == cfg.train.num_steps
+            or stop.requested()):
           self._finite(metrics, done)
           self.save(state)
+      if stop.requested():
+        raise runs.Stopped(stop.signum, "")
       self.checkpoints.wait_until_finished()
     except BaseException as e:
       bar.close()
@@ -461,6 +523,9 @@ class Trainer:
       kept += failure
       if isinstance(e, FloatingPointError):
         raise FloatingPointError(f"{e}; {kept}") from None
+      if isinstance(e, runs.Stopped):
+        raise runs.Stopped(e.signum, f"stopped by {stop.name} after {done} rounds; {kept}"
+                           ) from None
       if isinstance(e, KeyboardInterrupt):
         raise KeyboardInterrupt(f"interrupted after {done} rounds; {kept}") from None
       e.add_note(f"diffenc_jax: training stopped after {done} rounds; {kept}")
@@ -504,6 +569,26 @@ def previous_elapsed(metrics_path: str, start: int) -> float:
   return elapsed
 
 
+def checksummed_from(workdir: str) -> int | None:
+  """The first step from which workdir's checkpoints must carry a checksum (its config.json's
+  record; 0 for a new run), or None for a run of an older version, none of whose checkpoints
+  need one."""
+  try:
+    saved = runs.read_config(workdir)
+  except ValueError as e:
+    raise UsageError(str(e)) from None
+  if saved is None:
+    return 0
+  return None if saved[1] is None else int(saved[1].get("checksummed_from", 0))
+
+
+def check_writable(path: str) -> None:
+  try:
+    runs.check_writable(path)
+  except OSError as e:
+    raise UsageError(f"cannot write to {path}: {e.strerror or e}") from None
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
   """Runs config.train.mode in workdir; returns the held-out metrics where the mode has them.
 
@@ -520,34 +605,65 @@ def train_and_evaluate(config, workdir: str) -> dict:
   validate_data(config, info)
   workdir = os.path.abspath(workdir)
   mode = config.train.mode
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise UsageError(f"the workdir {workdir} is a file, not a directory")
   if mode != "train" and not os.path.isdir(os.path.join(workdir, "checkpoints")):
     raise UsageError(f"no trained run in {workdir} to {mode}: "
                      + ("no checkpoints/ folder" if os.path.isdir(workdir) else "no such directory"))
   check_resume(config, workdir)
+  fingerprint = check_data(config, info, workdir)
+  if mode != "train":  # what it writes goes there: fail before anything is computed
+    check_writable(workdir)
   if mode == "train":
+    with runs.StopOnSignal() as stop:
+      return _train(config, workdir, info, fingerprint, stop)
+  with runs.log_to_file(workdir):
+    return _use(config, workdir, info)
+
+
+def _train(config, workdir: str, info: data.DatasetInfo, fingerprint: dict,
+           stop: runs.StopOnSignal) -> dict:
+  """Training mode of `train_and_evaluate`: the workdir's lock held throughout."""
+  try:
     os.makedirs(workdir, exist_ok=True)
-    lock = checkpointing.WorkdirLock(workdir)
-    error = ""
-    if jax.process_index() == 0:
-      try:
-        lock.acquire()
-      except checkpointing.WorkdirInUse as e:
-        error = str(e)
-    if jax.process_count() > 1 and multihost_utils.broadcast_one_to_all(np.int32(bool(error))):
-      error = error or "process 0 could not take the lock of the workdir"
-    if error:
-      raise UsageError(error)
+  except OSError as e:
+    raise UsageError(f"cannot create the workdir {workdir}: {e.strerror or e}") from None
+  check_writable(workdir)
+  check_writable(os.path.join(workdir, "checkpoints"))
+  with runs.log_to_file(workdir):
+    return _train_locked(config, workdir, info, fingerprint, stop)
+
+
+def _train_locked(config, workdir: str, info: data.DatasetInfo, fingerprint: dict,
+                  stop: runs.StopOnSignal) -> dict:
+  lock = checkpointing.WorkdirLock(workdir)
+  error = ""
+  if jax.process_index() == 0:
     try:
-      trainer = Trainer(config, workdir, info)
-      state = trainer.restore_or_init(set_aside=True)
-      if jax.process_index() == 0:  # what `diffenc_jax.api` rebuilds the model from
-        path = os.path.join(workdir, "config.json")
-        with open(path + ".tmp", "w") as f:
-          f.write(config.to_json(indent=1))
-        os.replace(path + ".tmp", path)
-      return trainer.train(state)
-    finally:
-      lock.release()
+      lock.acquire()
+    except checkpointing.WorkdirInUse as e:
+      error = str(e)
+  if jax.process_count() > 1 and multihost_utils.broadcast_one_to_all(np.int32(bool(error))):
+    error = error or "process 0 could not take the lock of the workdir"
+  if error:
+    raise UsageError(error)
+  try:
+    trainer = Trainer(config, workdir, info)
+    state = trainer.restore_or_init(set_aside=True)
+    if jax.process_index() == 0:  # what `diffenc_jax.api` rebuilds the model from
+      first = trainer.checksummed_from
+      # a run of an older version: its checkpoints up to the one restored have no checksum
+      record = {"checksummed_from": int(state.step) + 1 if first is None else first,
+                "data": fingerprint}
+      runs.write_config(workdir, config, record)
+    return trainer.train(state, stop)
+  finally:
+    lock.release()
+
+
+def _use(config, workdir: str, info: data.DatasetInfo) -> dict:
+  """The modes of `train_and_evaluate` that use a trained run: eval, reconstruct, sample, encode."""
+  mode = config.train.mode
   trainer = Trainer(config, workdir, info)
   state = trainer.for_evaluation(trainer.restore_or_init(require=True))
   test = evaluate.HeldOut.load(config, trainer.method)

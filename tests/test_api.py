@@ -238,3 +238,70 @@ def test_manipulate_moves_z_in_standardised_units(diffae_model, images):
 def test_x_T_needs_a_diffusion_decoder(model, images):
   with pytest.raises(ValueError, match="needs a diffusion decoder"):
     model.encode_stochastic(images)
+
+
+def _write_idx(path, array: np.ndarray) -> None:
+  """An IDX file of uint8 values: zero, zero, type 0x08, number of dims, sizes, data."""
+  import struct
+  with open(path, "wb") as f:
+    f.write(struct.pack(">BBBB", 0, 0, 0x08, array.ndim))
+    f.write(struct.pack(f">{array.ndim}I", *array.shape))
+    f.write(np.ascontiguousarray(array, np.uint8).tobytes())
+
+
+def test_a_trained_model_loads_without_its_dataset(tmp_path):
+  """A model is an artefact: trained on an IDX copy of the data that is then deleted, it loads
+  from config.json and its checkpoint alone (it used to rebuild the trainer, which reads the
+  dataset: 'data_dir ... is not a directory'), with the checkpoint's parameters, and encodes,
+  decodes and samples."""
+  import shutil
+  idx = tmp_path / "idx"
+  idx.mkdir()
+  source = tiny.get_config().data
+  for split, (images_name, labels_name) in (
+      ("train", ("train-images-idx3-ubyte", "train-labels-idx1-ubyte")),
+      ("test", ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"))):
+    x, y = data.load_eval_split(source, split)
+    _write_idx(idx / images_name, np.round((x[..., 0] + 1.0) * 127.5))
+    _write_idx(idx / labels_name, y)
+  config = tiny.get_config()
+  config.data.name, config.data.data_dir = "idx", str(idx)
+  config.train.num_steps = 2
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(config, workdir)
+  state = train.Trainer(config, workdir).restore_or_init(require=True)
+  x, _ = data.load_eval_split(config.data, "test", max_examples=4)
+  shutil.rmtree(idx)
+  model = api.Autoencoder.load(workdir)
+  assert model.step == 2 and model.data_shape == (28, 28, 1)
+  for a, b in zip(jax.tree.leaves(model.params),
+                  jax.tree.leaves(state.eval_params(config.eval.use_ema)), strict=True):
+    np.testing.assert_array_equal(a, b)
+  z = model.encode(x)
+  assert z.shape == (4, 4) and np.all(np.isfinite(z))
+  x_hat = model.decode(z)
+  assert x_hat.shape == x.shape and np.all(np.isfinite(x_hat))
+  samples = model.sample(3)
+  assert samples.shape == (3, 28, 28, 1) and np.all(np.isfinite(samples))
+
+
+def test_what_cannot_be_decoded_or_moved_along_is_refused(model, diffae_model, images):
+  """NaN or infinite directions, scales and x_T used to give NaN images; each public input is
+  checked as x and z are, in one line."""
+  d = model.latent_dim
+  for direction, message in ((np.full(d, np.nan), f"direction holds {d} NaN"),
+                             (np.where(np.arange(d) == 0, np.inf, 1.0),
+                              "direction holds 1 NaN or infinite"),
+                             (np.zeros(d), "direction is the zero vector")):
+    with pytest.raises(ValueError, match=message):
+      model.manipulate(images, direction)
+  for scale in (np.nan, np.inf, "2"):
+    with pytest.raises(ValueError, match="scale must be a finite number"):
+      model.manipulate(images, np.ones(d), scale)
+  m, key = diffae_model, jax.random.key(4)
+  z = m.encode(images, key)
+  x_T = np.array(m.encode_stochastic(images, z))
+  x_T[0, 0, 0, 0], x_T[3, 1, 1, 0] = np.nan, -np.inf
+  with pytest.raises(ValueError, match="x_T holds 2 NaN or infinite values"):
+    m.decode(z, key, x_T=x_T)
+  assert np.all(np.isfinite(m.manipulate(images, np.ones(d), 2.0)))
