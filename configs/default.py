@@ -204,7 +204,7 @@ def get_config() -> ml_collections.ConfigDict:
   # last noisy state, which is also what psnr_zq decodes | diffusion_kl, the forward-noised
   # estimate from z⁰ (rate_samples draws), the KL of z⁰ blurred at λ_max where ε̂ is exact
   ev.rate_estimator = "path_kl"
-  ev.rate_steps = 500
+  ev.rate_steps = 1000
   ev.rate_spacing = "logsnr"
   ev.rate_samples = 8
   ev.num_images = 64  # images in PNG grids

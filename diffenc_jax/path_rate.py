@@ -151,8 +151,8 @@ def encoder_path(method, eps_fn: Callable[[Array, Array], Array], x: Array,
   """`ancestral_path_rate` of a diffusion-encoder method for images x (B, ...), with its ε̂
   conditioned on x (`eps_fn`), its latent schedule and sampler clip, and the grid of
   config.eval (rate_steps, rate_spacing; a run's config written before these fields existed
-  gets 500 steps uniform in log-SNR)."""
+  gets 1,000 steps uniform in log-SNR)."""
   ev = method.config.eval
   return ancestral_path_rate(eps_fn, key, (x.shape[0], method.latent_dim), method.schedule,
-                             ev.get("rate_steps", 500), clip=method.config.encoder_sampler.clip,
+                             ev.get("rate_steps", 1000), clip=method.config.encoder_sampler.clip,
                              spacing=ev.get("rate_spacing", "logsnr"))

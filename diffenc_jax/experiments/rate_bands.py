@@ -28,6 +28,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "A trained diffenc run.")
 _BANDS = flags.DEFINE_list("bands", ["8", "7", "6", "4", "2", "0", "-4", "-15"],
                            "Band edges in log-SNR, decreasing, within the latent schedule.")
 _DRAWS = flags.DEFINE_integer("draws", 16, "λ draws per band and example.")
+_ZK = flags.DEFINE_bool("zk", True, "Also from the E-step's z^K (its chain: costly with a "
+                        "diffusion decoder); without it the z^K columns repeat z⁰'s.")
 
 
 def aggregate_kl(z: np.ndarray) -> float:
@@ -36,11 +38,11 @@ def aggregate_kl(z: np.ndarray) -> float:
   return float(0.5 * (np.trace(c) + m @ m - len(m) - np.linalg.slogdet(c)[1]))
 
 
-def band_terms(method, params, x, key, edges, draws: int):
+def band_terms(method, params, x, key, edges, draws: int, with_zk: bool = True):
   """(forward from z⁰, forward from z^K, ε-MSE from z⁰, ε-MSE from z^K), each (bands, B)."""
   schedule = method.schedule
   k_lat, k_band = jax.random.split(key)
-  lat = method.latents(params, x, k_lat)
+  lat = method.latents(params, x, k_lat, None if with_zk else 0)
   enc = params["encoder"]
   eps_fn = method.encoder_eps_fn(enc, method.encoder.apply(enc, x, method="features"))
 
@@ -80,7 +82,8 @@ def main(argv):
 
   @jax.jit
   def batch(x, k):
-    z0, fwd0, fwdk, mse0, msek = band_terms(method, params, x, k, edges, _DRAWS.value)
+    z0, fwd0, fwdk, mse0, msek = band_terms(method, params, x, k, edges, _DRAWS.value,
+                                                    _ZK.value)
     enc = params["encoder"]
     eps_fn = method.encoder_eps_fn(enc, method.encoder.apply(enc, x, method="features"))
     path = path_rate.encoder_path(method, eps_fn, x, jax.random.fold_in(k, 1))
