@@ -3,7 +3,8 @@
 A latent diffusion encoder q(z|x) is defined by its sampler: N ancestral (DDPM) steps from
 z_0 ~ N(0, I) at t = 1 down to t = 0,
 
-    z_{k+1} = μ_θ(z_k) + c_k ξ,   μ_θ = α_s x̂_0 + √(σ_s² − c_k²) ε̂,   x̂_0 = clip((z − σ_t ε̂)/α_t),
+    z_{k+1} = μ_θ(z_k) + c_k ξ,   μ_θ = α_s x̂_0 + √(σ_s² − c_k²) ε̂,
+    x̂_0 = clip((z − σ_t ε̂)/α_t),
 
 the same update as `samplers.latent_ddim` with η = 1; the code is the chain's last *noisy* state
 z_N at t = 0 (log-SNR λ_max), not the x̂_0 of its last step. The same sampler run with the

@@ -263,8 +263,9 @@ on {device}, compilation and one evaluation included. What the rate means: docs/
   the VAE's analytic.
 - z0: the encoder's own code (diffenc: its sample z⁰; VAE: the posterior mean). zK: that code
   after em.eval_refine_steps Langevin steps on p(z) p(x|z)^(1/β) (the same chain for
-  both). zq: the variable whose rate is reported (diffenc: the path sampler's last noisy state,
-  or z⁰ blurred at λ_max under diffusion_kl; VAE: a sample of q(z|x)). MSE and PSNR with pixels in [0, 1].
+  both). zq: the variable whose rate is reported (diffenc: the path sampler's last noisy
+  state, or z⁰ blurred at λ_max under diffusion_kl; VAE: a sample of q(z|x)). MSE and PSNR
+  with pixels in [0, 1].
 - probe acc.: logistic regression on the train split's z⁰ (VAE: mean), held-out accuracy.
 {note}
 {chr(10).join(rows)}
