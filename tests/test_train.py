@@ -60,6 +60,9 @@ def tiny_config(**overrides):
       "em.joint_warmup_rounds": 5}, "two warm-ups: set one"),
     ({"em.warm_langevin.step_rule": "hmc"}, "unknown em.warm_langevin.step_rule"),
     ({"em.em_enc_lr_scale": 0.0}, "em.em_enc_lr_scale must be > 0"),
+    ({"eval.rate_estimator": "elbo"}, "unknown eval.rate_estimator 'elbo'"),
+    ({"eval.rate_spacing": "cosine"}, "unknown eval.rate_spacing 'cosine'"),
+    ({"eval.rate_steps": 0}, "eval.rate_steps must be >= 1"),
 ])
 def test_bad_config_fails_with_one_line(override, message):
   with pytest.raises(train.UsageError) as err:
