@@ -212,6 +212,13 @@ def get_config() -> ml_collections.ConfigDict:
   # --- evaluation -------------------------------------------------------------------------
   config.eval = ev = ml_collections.ConfigDict()
   ev.batch_size = 250
+  # the held-out rate: path_kl, the path KL of the encoder's ancestral sampler against the
+  # prior's (rate_steps steps, uniform in log-SNR or in time: rate_spacing), of that sampler's
+  # last noisy state, which is also what psnr_zq decodes | diffusion_kl, the forward-noised
+  # estimate from z⁰ (rate_samples draws), the KL of z⁰ blurred at λ_max where ε̂ is exact
+  ev.rate_estimator = "path_kl"
+  ev.rate_steps = 1000
+  ev.rate_spacing = "logsnr"
   ev.rate_samples = 8
   ev.num_images = 64  # images in PNG grids
   ev.use_ema = False  # evaluate the EMA parameters instead of the raw ones

@@ -26,6 +26,7 @@ def get_config():
   config.train.checkpoint_every = 2
   config.eval.batch_size = 32
   config.eval.rate_samples = 2
+  config.eval.rate_steps = 20
   config.eval.num_images = 4
   config.eval.decoder_steps = 3
   config.eval.classifier_steps = 0

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from diffenc_jax import decoders, losses, models, samplers, schedules
+from diffenc_jax import decoders, losses, models, path_rate, samplers, schedules
 
 Array = jax.Array
 PARAMETERIZATIONS = losses.PARAMETERIZATIONS
@@ -303,18 +303,31 @@ class DiffusionEncoder:
 
   def rate(self, params, x: Array, z0: Array, key: Array, num_samples: int,
            log_snr_max: float | Array | None = None) -> Array:
-    """Diffusion-KL rate per example (B,), nats, from samples z0: the KL to N(0, I) of the code
-    blurred at the latent schedule's λ_max (`rate_latent`), or at the lower log-SNR
-    `log_snr_max` (`losses.rate_estimate`)."""
+    """Rate per example (B,), nats, of the variable `rate_latent(params, x, z0, key)` (the same
+    key gives the same variable). eval.rate_estimator chooses:
+      path_kl       the path KL of the encoder's ancestral sampler (eval.rate_steps steps,
+                    eval.rate_spacing) against the prior's, plus its terminal term
+                    (`path_rate.ancestral_path_rate`): an upper bound on the KL of that
+                    sampler's last noisy state; z0 and num_samples are not used;
+      diffusion_kl  the forward-noised estimate from z0 (`losses.rate_estimate`, num_samples
+                    draws), the KL of z0 blurred at λ_max only where ε̂ is the exact predictor.
+    log_snr_max (diffusion_kl only, and chosen by giving it): integrate from that log-SNR."""
     enc_params = params["encoder"]
     h = self.encoder.apply(enc_params, x, method="features")
-    return losses.rate_estimate(self.encoder_eps_fn(enc_params, h), z0, key, self.schedule,
-                                num_samples, log_snr_max)
+    eps_fn = self.encoder_eps_fn(enc_params, h)
+    if log_snr_max is None and path_rate.estimator(self.config) == "path_kl":
+      return path_rate.encoder_path(self, eps_fn, x, key)["rate"]
+    return losses.rate_estimate(eps_fn, z0, key, self.schedule, num_samples, log_snr_max)
 
   def rate_latent(self, params, x: Array, z0: Array, key: Array) -> Array:
-    """The variable whose KL `rate` reports: z̃ = α_0 z0 + σ_0 ε (B, d), z0 blurred at the
-    latent schedule's t = 0 (log-SNR λ_max, σ_0² = sigmoid(−λ_max))."""
-    del params, x
+    """The variable whose KL `rate` reports (B, d): with eval.rate_estimator = path_kl the last
+    noisy state of the encoder's ancestral sampler on the rate's grid (z0 unused); with
+    diffusion_kl z̃ = α_0 z0 + σ_0 ε, z0 blurred at the latent schedule's t = 0 (log-SNR λ_max,
+    σ_0² = sigmoid(−λ_max))."""
+    if path_rate.estimator(self.config) == "path_kl":
+      enc_params = params["encoder"]
+      h = self.encoder.apply(enc_params, x, method="features")
+      return path_rate.encoder_path(self, self.encoder_eps_fn(enc_params, h), x, key)["code"]
     alpha0, sigma0 = self.schedule.alpha_sigma(jnp.zeros(()))
     return alpha0 * z0 + sigma0 * jax.random.normal(key, z0.shape, z0.dtype)
 

@@ -29,7 +29,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from diffenc_jax import (baselines, checkpointing, data, decoders, em, evaluate, losses, methods,
-                         models, posterior, runs, samplers, schedules, visualize)
+                         models, path_rate, posterior, runs, samplers, schedules, visualize)
 
 MODES = ("train", "eval", "reconstruct", "sample", "encode")
 LR_SCHEDULES = ("constant", "cosine")
@@ -185,8 +185,16 @@ def validate_config(config, num_devices: int | None = None) -> None:
   check(es.num_steps >= 1, f"encoder_sampler.num_steps must be >= 1, got {es.num_steps}")
   check(0 <= es.eta <= 1, f"encoder_sampler.eta must be in [0, 1], got {es.eta}")
   check(es.clip > 0, f"encoder_sampler.clip must be > 0, got {es.clip}")
+  check(path_rate.estimator(config) in path_rate.ESTIMATORS,
+        f"unknown eval.rate_estimator {path_rate.estimator(config)!r}; choose one of "
+        f"{path_rate.ESTIMATORS}")
+  spacing = config.eval.get("rate_spacing", "logsnr")
+  check(spacing in path_rate.SPACINGS,
+        f"unknown eval.rate_spacing {spacing!r}; choose one of {path_rate.SPACINGS}")
   for name in ("rate_samples", "num_images", "decoder_steps"):
     check(config.eval[name] >= 1, f"eval.{name} must be >= 1, got {config.eval[name]}")
+  check(config.eval.get("rate_steps", 1) >= 1,
+        f"eval.rate_steps must be >= 1, got {config.eval.get('rate_steps')}")
 
 
 def validate_data(config, info: data.DatasetInfo) -> None:

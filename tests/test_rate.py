@@ -1,5 +1,6 @@
-"""The rate the held-out table reports, through the table's own code path (`evaluate.HeldOut`,
-`method.rate`, `method.rate_latent`), against closed-form KLs (docs/method.md §1.8, docs/rate.md).
+"""The forward-noised rate (eval.rate_estimator = diffusion_kl) through the held-out table's own
+code path (`evaluate.HeldOut`, `method.rate`, `method.rate_latent`), against closed-form KLs
+(docs/method.md §1.8, docs/rate.md). The path-KL rate, the default: tests/test_path_rate.py.
 
 The encoder under test has a known Gaussian q(z|x) = N(μ(x), s² I) and the exact ε of that
 code's VP diffusion plugged into diffenc's latent-denoiser slot; everything else (features once,
@@ -53,8 +54,9 @@ class GaussianCodeEncoder(em.DiffusionEncoder):
     return mu + S * jax.random.normal(key, mu.shape)
 
 
-def gaussian_setup(logsnr_max=8.0):
+def gaussian_setup(logsnr_max=8.0, estimator="diffusion_kl"):
   config = tiny.get_config()
+  config.eval.rate_estimator = estimator
   config.model.latent_dim = D
   config.model.enc_parameterization = "eps"  # the module outputs ε itself
   config.schedule.logsnr_max = logsnr_max

@@ -47,11 +47,11 @@ def test_sweep_writes_table_figure_and_rate_curve(tmp_path):
     for code in ("z0", "zK", "zq"):  # distortion of all three codes, PSNR from the MSE
       np.testing.assert_allclose(s[f"psnr_{code}"], -10 * np.log10(s[f"mse_{code}"]), rtol=1e-6)
   assert vae["gap"] > 0  # the VAE's z^K is its refined mean, not the mean again
-  # diffenc's rate curve: the table's rate at λ_max = 8, less at a lower floor (less blur...
-  # of a near-deterministic code: more nats at the higher floor)
+  # diffenc's rate curve (the forward-noised estimate; the table's rate is the path KL's): less
+  # at a lower floor (less blur... of a near-deterministic code: more nats at the higher floor)
   curve = diffenc["rate_curve"]
   assert set(curve) == {"8", "2"} and curve["8"] > curve["2"] > 0
-  assert abs(curve["8"] - diffenc["rate_nats"]) < 0.25 * diffenc["rate_nats"]
+  assert diffenc["rate_nats"] > 0
   assert "rate_curve" not in vae
   # one table row per (method, β)
   rows = [line for line in text.splitlines() if line.startswith("| `")]

@@ -64,6 +64,9 @@ def tiny_config(**overrides):
     ({"em.em_enc_lr_scale": 0.0}, "em.em_enc_lr_scale must be > 0"),
     ({"model.decoder": "diffusion", "model.denoiser": "dit", "model.dit_dtype": "float16"},
      "model.dit_dtype='float16' is not one of"),
+    ({"eval.rate_estimator": "elbo"}, "unknown eval.rate_estimator 'elbo'"),
+    ({"eval.rate_spacing": "cosine"}, "unknown eval.rate_spacing 'cosine'"),
+    ({"eval.rate_steps": 0}, "eval.rate_steps must be >= 1"),
 ])
 def test_bad_config_fails_with_one_line(override, message):
   with pytest.raises(train.UsageError) as err:
