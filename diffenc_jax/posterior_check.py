@@ -1,5 +1,5 @@
 """Held-out diagnostics of the E-step under a decoder: what z buys, and whether a chain follows
-the posterior it targets (docs/method.md §5).
+the posterior it targets (docs/method.md §4).
 
     info = z_information(decoder, dec_params, x, z, z_other, key, edges)   # per log-SNR bin
     ref = reference_chain(config, decoder, dec_params, x, z_init, key, h_at=z0)  # long chain

@@ -59,9 +59,9 @@ def test_diffenc_e_step_samples_the_posterior_at_the_beta_of_its_round(monkeypat
   seen = []
   original = method.posterior_sample
 
-  def spy(params, x, z0, key, num_steps=None, beta=None, warm=False):
+  def spy(params, x, z0, key, num_steps=None, beta=None, warm=False, *chain_state):
     jax.debug.callback(seen.append, beta)
-    return original(params, x, z0, key, num_steps, beta, warm)
+    return original(params, x, z0, key, num_steps, beta, warm, *chain_state)
 
   monkeypatch.setattr(method, "posterior_sample", spy)
   e_step = jax.jit(method.e_step)
