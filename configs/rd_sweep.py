@@ -1,4 +1,4 @@
-"""The rate–distortion sweep (issue 13): `python -m diffenc_jax.experiments.rate_distortion
+"""The rate–distortion sweep: `python -m diffenc_jax.experiments.rate_distortion
 --config configs/rd_sweep.py`.
 
 diffenc (configs/mnist.py) and the VAE (configs/mnist_vae.py) with the gaussian decoder
