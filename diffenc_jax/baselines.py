@@ -119,6 +119,12 @@ class Autoencoder(OneLossMethod):
     del params
     return jax.random.normal(key, (n, self.latent_dim))
 
+  def rate_and_latent(self, params, x: Array, z0: Array, key: Array,
+                      num_samples: int) -> tuple[Array, Array]:
+    """(`rate`, `rate_latent`) under one key."""
+    return (self.rate(params, x, z0, key, num_samples),
+            self.rate_latent(params, x, z0, key))
+
   def rate_latent(self, params, x: Array, z0: Array, key: Array) -> Array:
     """The variable whose KL `rate` reports: the code z0 itself (a deterministic encoder)."""
     del params, x, key

@@ -319,6 +319,17 @@ class DiffusionEncoder:
       return path_rate.encoder_path(self, eps_fn, x, key)["rate"]
     return losses.rate_estimate(eps_fn, z0, key, self.schedule, num_samples, log_snr_max)
 
+  def rate_and_latent(self, params, x: Array, z0: Array, key: Array,
+                      num_samples: int) -> tuple[Array, Array]:
+    """(`rate`, `rate_latent`) under one key, the encoder's path run once."""
+    if path_rate.estimator(self.config) == "path_kl":
+      enc_params = params["encoder"]
+      h = self.encoder.apply(enc_params, x, method="features")
+      out = path_rate.encoder_path(self, self.encoder_eps_fn(enc_params, h), x, key)
+      return out["rate"], out["code"]
+    return (self.rate(params, x, z0, key, num_samples),
+            self.rate_latent(params, x, z0, key))
+
   def rate_latent(self, params, x: Array, z0: Array, key: Array) -> Array:
     """The variable whose KL `rate` reports (B, d): with eval.rate_estimator = path_kl the last
     noisy state of the encoder's ancestral sampler on the rate's grid (z0 unused); with
