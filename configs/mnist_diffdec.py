@@ -5,7 +5,7 @@ Rounds 0–749 (a quarter) are a gaussian warm-up (em.gaussian_warmup_rounds): E
 auxiliary gaussian decoder whose z^K the diffusion decoder learns to use meanwhile (from a
 diffusion decoder that ignores z, EM stays there). Rounds 750–2,999 are EM against the
 diffusion decoder with the encoder at its full rate. Its E-step keeps a persistent chain per
-training example and shifted copy (em.chain_slots), filled by the warm-up, continued at every
+training example (em.chain_slots; no shift augmentation), filled by the warm-up, continued at every
 visit by 2 steps of stochastic-gradient Langevin (fresh ELBO draws at every step) preconditioned
 by a running diagonal curvature estimate; the encoder learns the chains' states. docs/recipes.md
 has what was measured.
@@ -22,8 +22,10 @@ def get_config():
   config.model.dec_weighting = "v"
   config.em.gaussian_warmup_rounds = 750
   config.em.m_updates = 1
-  # one chain per training example and shifted copy: 4,500 × 9
-  config.em.chain_slots = 40500
+  # one persistent chain per training example, continued at every visit: no shifted copies,
+  # which would multiply the slots and the rounds between two visits of one chain by 9
+  config.data.augment_shift = 0
+  config.em.chain_slots = 4500
   config.em.langevin.num_steps = 2
   config.em.langevin.step_rule = "diagonal"
   config.em.langevin.step_size = 0.2
