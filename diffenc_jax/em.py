@@ -415,7 +415,7 @@ class DiffusionEncoder:
       curv = chains["curvature"]
       if not warm:  # a running mean of the chain's (∇log π)²: the `diagonal` rule's curvature
         old = curv[slot]
-        rho = self.config.em.get("curvature_decay", 0.5)
+        rho = self.config.em.curvature_decay
         new = lat["info"].grad_sq
         curv = curv.at[slot].set(jnp.where(old > 0, rho * old + (1 - rho) * new, new))
       chains = {"z": chains["z"].at[slot].set(zk), "visits": chains["visits"].at[slot].add(1),

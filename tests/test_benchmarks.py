@@ -65,13 +65,15 @@ def test_breakdown_prints_every_part(config):
   assert found["whole round"][1] == 100
 
 
-def test_vs_reference_without_a_checkout(tmp_path, capsys):
-  module = load("vs_reference")
+@pytest.mark.parametrize("script, reference_file", [("vs_reference", "templates.py"),
+                                                    ("vs_dit", "models.py")])
+def test_side_by_side_without_a_checkout(script, reference_file, tmp_path, capsys):
+  module = load(script)
   with pytest.raises(SystemExit) as exit_:
     module.main(["--reference", str(tmp_path / "nowhere")])
   assert exit_.value.code == 2
   out = capsys.readouterr().out.strip()
-  assert len(out.splitlines()) == 1 and "not a checkout of" in out and "templates.py" in out
+  assert len(out.splitlines()) == 1 and "not a checkout of" in out and reference_file in out
 
 
 def test_vs_reference_without_torch(tmp_path, capsys, monkeypatch):
@@ -119,15 +121,6 @@ def test_dit_breakdown_prints_every_part():
   # the backward pass costs more FLOPs than the forward pass alone
   assert found["· network forward + backward"][1] > 2 * found["· network forward"][1]
   assert "float32 peak" in proc.stdout
-
-
-def test_vs_dit_without_a_checkout(tmp_path, capsys):
-  module = load("vs_dit")
-  with pytest.raises(SystemExit) as exit_:
-    module.main(["--reference", str(tmp_path / "nowhere")])
-  assert exit_.value.code == 2
-  out = capsys.readouterr().out.strip()
-  assert len(out.splitlines()) == 1 and "not a checkout of" in out and "models.py" in out
 
 
 def test_vs_dit_without_torch(tmp_path, capsys, monkeypatch):
