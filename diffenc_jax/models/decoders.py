@@ -30,10 +30,11 @@ class GaussianDecoder(nn.Module):
   then per stage a 4×4 stride-2 ConvTranspose to channels[i] (cropped to the exact size, so
   odd sizes such as 7 → 14 → 28 work) → GroupNorm → SiLU, and a final 3×3 conv to C. The
   output is linear (unconstrained; data live in [-1, 1]). ConvTranspose works at the input
-  resolution, ~2× cheaper than resize + conv: the decoder's per-example Jacobian is hot.
+  resolution, cheaper than resize + conv: the decoder's per-example Jacobian is hot.
   Vectors (D,), or images with arch='mlp': an MLP with hidden widths `mlp_hidden` (the
-  output reshaped to the image). On a CPU the MLP is ~30× cheaper than the conv stack, which
-  matters because the E-step differentiates the decoder many times per training step.
+  output reshaped to the image). On a CPU the MLP is much cheaper than the conv stack
+  (docs/benchmarks.md, "Langevin steps"), which matters because the E-step differentiates the
+  decoder many times per training step.
   `dropout` > 0 drops MLP hidden units when train=True (the 'dropout' rng): a regulariser for
   small datasets; the mean used by the E-step and evaluation is the deterministic one.
   """
