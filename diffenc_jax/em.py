@@ -1,7 +1,7 @@
 """The Diffusion Encoder trained by EM (docs/method.md §1): pure, jittable E- and M-steps.
 
-`DiffusionEncoder(config, info)` holds only static things (networks, schedules, optimisers);
-every method is a pure function of explicit arrays, e.g.
+`DiffusionEncoder(config, data_shape)` holds only static things (networks, schedules,
+optimisers); every method is a pure function of explicit arrays, e.g.
 
     state = method.init_state(key)
     state, metrics, latents = method.e_step(state, x, key)   # z⁰ → Langevin → z^K → φ update
