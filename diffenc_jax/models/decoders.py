@@ -1,4 +1,5 @@
-"""Decoders p_θ(x | z): a Gaussian mean network and a z-conditioned diffusion U-Net."""
+"""Decoder networks: `MeanDecoder`, the mean μ_θ(z) of a gaussian decoder, and `UNetDecoder`, a
+z-conditioned diffusion U-Net. The decoders as likelihoods are `diffenc_jax.decoders`."""
 
 from __future__ import annotations
 
@@ -23,8 +24,9 @@ def _halvings(size: int, n: int) -> list[int]:
   return sizes
 
 
-class GaussianDecoder(nn.Module):
-  """Mean network μ_θ(z) of a Gaussian decoder: z (B, d) → μ (B, *image_shape).
+class MeanDecoder(nn.Module):
+  """Mean network μ_θ(z) of a gaussian decoder (`decoders.GaussianDecoder`): z (B, d) → μ
+  (B, *image_shape).
 
   Images (H, W, C): Dense → reshape to (H/2^n, W/2^n, channels[0]) with n = len(channels),
   then per stage a 4×4 stride-2 ConvTranspose to channels[i] (cropped to the exact size, so
