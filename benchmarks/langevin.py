@@ -31,7 +31,7 @@ def median_time(fn, *args, repeats):
 
 def bench(arch: str, repeats: int, ks=(10, 100), batch: int = 128, latent_dim: int = 16,
           sigma: float = 0.1):
-  decoder = models.GaussianDecoder((28, 28, 1), arch=arch, mlp_hidden=(512, 512))
+  decoder = models.MeanDecoder((28, 28, 1), arch=arch, mlp_hidden=(512, 512))
   kp, kx, kz = jax.random.split(jax.random.key(0), 3)
   params = decoder.init(kp, jnp.zeros((1, latent_dim)))
   x = jax.random.uniform(kx, (batch, 28, 28, 1), minval=-1, maxval=1)

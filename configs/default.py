@@ -21,8 +21,8 @@ def get_config() -> ml_collections.ConfigDict:
   data.data_dir = ""  # for name='idx' (required) and name='tfds' (optional TFDS data_dir)
   data.image_size = 0  # 0 keeps the dataset's own size; else resize to this (28, 32 or 64)
   data.num_test = 0  # 0 uses the whole held-out split; else its first num_test examples
-  # training images moved by a random (dy, dx) ∈ {-s..s}² pixels. mnist5k's 4,500 digits are
-  # memorised without it (seed 0, round 1,500: z⁰ PSNR 22.0 dB on train vs 18.2 held-out)
+  # training images moved by a random (dy, dx) ∈ {-s..s}² pixels, against memorising a small
+  # train split (docs/recipes.md, "The recipe and why")
   data.augment_shift = 1
 
   # --- model ------------------------------------------------------------------------------
@@ -72,8 +72,8 @@ def get_config() -> ml_collections.ConfigDict:
   # --- diffusion schedules ----------------------------------------------------------------
   # name: cosine | linear_logsnr; log-SNR λ runs from logsnr_max (t = 0) to logsnr_min (t = 1)
   # latent (encoder) schedule: logsnr_max = 8 (σ_0 ≈ 0.018) resolves the code finely enough for
-  # reconstruction and keeps the diffusion-KL rate finite and meaningful for a near-deterministic
-  # encoder (at 15 its estimate ran to 10⁴–10⁵ nats, dominated by t → 0)
+  # reconstruction and keeps the diffusion-KL rate finite for a near-deterministic encoder
+  # (docs/method.md §1.8)
   config.schedule = ml_collections.ConfigDict(
       dict(name="cosine", logsnr_min=-15.0, logsnr_max=8.0))
   config.image_schedule = ml_collections.ConfigDict(  # diffusion decoder
@@ -121,8 +121,8 @@ def get_config() -> ml_collections.ConfigDict:
   langevin.step_size = 0.5
   langevin.max_move = 0.0  # fixed rule: per-example cap on the move's norm (0 = none)
   langevin.snr = 0.16  # snr rule's r
-  # Metropolis-Hastings correction: rejects the Gauss-Newton proposal that overshoots (without
-  # it 3 of 6 runs had a chain blow up, gap ~1e9); ~75 % accepted, same PSNR, 1 extra ∇U
+  # Metropolis-Hastings correction: rejects the Gauss-Newton proposal that overshoots, which can
+  # blow a chain up; one extra ∇U per step (docs/recipes.md, "The recipe and why")
   langevin.mala = True
   langevin.refresh_precision = False  # gauss_newton: recompute H every step (else once at z⁰)
   # diffusion decoder's energy (diffenc_jax/posterior.py): mc_samples (λ, ε) draws per U,
@@ -175,8 +175,7 @@ def get_config() -> ml_collections.ConfigDict:
   # (DiffAE's z-normalisation); diffenc's em.latent_prior uses it too
   diffae.prior_normalize = False
   diffae.prior_steps = 50  # latent DDIM steps when sampling z from the prior
-  # 0 = deterministic DDIM, 1 = ancestral. On a prior fitted to a 2-D gaussian, 50 steps with
-  # η = 0 sampled std (0.97, 2.02) for (0.5, 1.5), with η = 1 (0.50, 1.54) (tests/test_train.py)
+  # 0 = deterministic DDIM, 1 = ancestral (docs/method.md §1.9)
   diffae.prior_eta = 1.0
   # the prior's DDIM clips its predicted z_0 to ±prior_clip (0 = no clip): unclipped, the first
   # steps at log-SNR −15 blow the ε-network's error up by up to e^7.5

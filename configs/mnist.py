@@ -1,9 +1,8 @@
 """Diffusion encoder + gaussian decoder on mnist5k (4,500 train / 500 held-out): the CPU default.
 
 default.py's recipe, trained for 4,500 rounds with the learning rate decayed by a cosine to 0
-and AdamW weight decay 0.1 (about 9 minutes on a 2-core CPU host; docs/recipes.md has the measured
-figures), and a latent DDPM prior fitted to z⁰ alongside for sampling (it does not change the
-encoder or decoder)."""
+and AdamW weight decay 0.1, and a latent DDPM prior fitted to z⁰ alongside for sampling (it
+does not change the encoder or decoder). docs/recipes.md has the measured figures and wall times."""
 
 from configs import default
 

@@ -3,7 +3,8 @@ denoiser (7×7 patches = 16 tokens, width 128, 4 blocks, adaLN-Zero) predicting 
 the v-MSE, gradient through z into the encoder; a latent DDPM prior fitted alongside on the
 standardised codes (DiffAE's z-normalisation). Batch 128; decoding by 20-step DDIM.
 docs/recipes.md has the measured figures. `--config.model.denoiser=unet` gives DiffAE's own
-U-Net (z as a multiplicative scale of its ResBlocks' features), ~10× slower per round here."""
+U-Net (z as a multiplicative scale of its ResBlocks' features), slower per round on a CPU
+(docs/recipes.md, "DiffAE and DMZ")."""
 
 from configs import default
 

@@ -4,11 +4,8 @@
 diffenc (configs/mnist.py) and the VAE (configs/mnist_vae.py) with the gaussian decoder
 (σ_x = 0.1) at every β of `betas`, seeds 0…seeds−1 and one more seed at `extra_seed_betas`,
 each for `num_steps` rounds of the matched recipe (lr_schedule, weight_decay), evaluated on the
-500 held-out digits (docs/rate.md). At σ_x = 0.1 the likelihood of 784 pixels dwarfs the prior:
-β must span 1…10⁴ for the VAE's rate to run from above 50 nats to below 5.
-
-num_steps was sized for ≤ 90 minutes on the 2-core CPU; the sweep took 121 minutes pinned to one
-core of a shared host (docs/rate.md).
+500 held-out digits. At σ_x = 0.1 the likelihood of 784 pixels dwarfs the prior, so `betas`
+spans 1…10⁴; docs/rate.md has the rates it gives and the sweep's wall time.
 """
 
 import ml_collections

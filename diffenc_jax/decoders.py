@@ -34,7 +34,7 @@ DENOISERS = ("unet", "dit")
 
 
 class GaussianDecoder:
-  """p_θ(x|z) = N(μ_θ(z), σ_x² I) with μ_θ = `models.GaussianDecoder` (model.dec_arch: mlp | conv)."""
+  """p_θ(x|z) = N(μ_θ(z), σ_x² I) with μ_θ = `models.MeanDecoder` (model.dec_arch: mlp | conv)."""
 
   kind = "gaussian"
 
@@ -45,9 +45,9 @@ class GaussianDecoder:
     self.sigma_x = m.sigma_x
     self.dropout = m.dec_dropout
     self.convolutional = m.dec_arch == "conv" and len(self.data_shape) == 3
-    self.network = models.GaussianDecoder(image_shape=self.data_shape, arch=m.dec_arch,
-                                          mlp_hidden=tuple(m.dec_hidden),
-                                          channels=tuple(m.dec_channels), dropout=m.dec_dropout)
+    self.network = models.MeanDecoder(image_shape=self.data_shape, arch=m.dec_arch,
+                                      mlp_hidden=tuple(m.dec_hidden),
+                                      channels=tuple(m.dec_channels), dropout=m.dec_dropout)
 
   def init(self, key: Array):
     return self.network.init(key, jnp.zeros((1, self.latent_dim)))

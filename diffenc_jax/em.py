@@ -1,7 +1,7 @@
 """The Diffusion Encoder trained by EM (docs/method.md §1): pure, jittable E- and M-steps.
 
-`DiffusionEncoder(config, info)` holds only static things (networks, schedules, optimisers);
-every method is a pure function of explicit arrays, e.g.
+`DiffusionEncoder(config, data_shape)` holds only static things (networks, schedules,
+optimisers); every method is a pure function of explicit arrays, e.g.
 
     state = method.init_state(key)
     state, metrics, latents = method.e_step(state, x, key)   # z⁰ → Langevin → z^K → φ update
@@ -104,9 +104,8 @@ class LatentDDPMPrior:
   codes' scale (its authors call it crucial for sampling and manipulation).
 
   The clip matters: at the latent schedule's log-SNR of −15 the first DDIM steps multiply the
-  ε-network's error by up to σ/α ≈ 1,800; unclipped, a prior fitted to N((2, −1), diag(0.25,
-  2.25)) sampled means of (69, −24). So does the ancestral sampler (diffae.prior_eta = 1): the
-  deterministic one overstated that law's std by up to 2× (tests/test_train.py)."""
+  ε-network's error by up to σ/α ≈ 1,800 (docs/benchmarks.md has what that did unclipped); so
+  does the ancestral sampler (diffae.prior_eta = 1; tests/test_train.py)."""
 
   STATS_DECAY = 0.99
 
@@ -533,8 +532,8 @@ class DiffusionEncoder:
     its gradient reaching φ through the sampler's steps, plus the encoder's denoising loss on
     stop_gradient(z⁰), which teaches q_φ(·|x) to concentrate at that code. It makes z
     informative before EM starts: EM from a decoder that ignores z stays there
-    (docs/method.md §4). With the encoder's ancestral sample instead, z⁰ stayed noisy and the
-    decoder learned little from it (probe 0.34 after 1,000 rounds). Returns (state, metrics)."""
+    (docs/method.md §4, which also has what the encoder's ancestral sample did instead).
+    Returns (state, metrics)."""
     em_ = self.config.em
     metrics = []
     for i in range(xs.shape[0]):

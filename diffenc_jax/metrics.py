@@ -37,7 +37,8 @@ from sklearn.preprocessing import StandardScaler
 
 from diffenc_jax import data
 
-# ≈97.5% held-out on mnist5k; time measured in `train_classifier`'s docstring.
+# `train_classifier`'s default; its time and held-out accuracy: docs/benchmarks.md, "The feature
+# classifier" (`python -m diffenc_jax.metrics` prints both)
 DEFAULT_CLASSIFIER_STEPS = 400
 FEATURE_DIM = 128
 
@@ -124,9 +125,8 @@ class FeatureClassifier(nn.Module):
 
   conv3×3 c1 → conv3×3 c2 stride 2 → conv3×3 c3 stride 2 (ReLU after each, SAME padding)
   → flatten → dense 128 + ReLU (`features`, (B, 128)) → dense num_classes. The flatten makes
-  the parameters specific to one image size. channels (16, 32, 64) cost half of (32, 64, 64)
-  per step on a CPU (≈0.13 vs 0.28 CPU-s per mnist5k step of 128) for the same held-out
-  accuracy (97.4–97.6% vs 97.6–97.8% after 400 steps, two seeds each).
+  the parameters specific to one image size. The default channels (16, 32, 64) are the
+  narrower of the two widths in docs/benchmarks.md, "The feature classifier".
   """
 
   num_classes: int = 10
@@ -200,12 +200,8 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, key: jax.Array,
   `steps` Adam steps on batches of `batch_size` examples (epoch-wise permutations, see
   `_batch_indices`), the learning rate decayed from lr to 0 on a half cosine; each image is
   shifted by up to `max_shift` pixels (None: round(H / 14), i.e. 2 for 28×28, 1 for 8×8).
-  Pure in `key`.
-
-  The default 400 steps, measured with `python -m diffenc_jax.metrics` (mnist5k: trained on
-  its 4,500 train images, tested on its 500 held-out ones) on 2 CPU cores that other jobs kept
-  busy (load average ≈ 4.8): 80.7 s wall, 55.0 s CPU, compilation included; held-out accuracy
-  97.6% (seed 0; 97.4% with seed 1; 500 steps: 97.4% and 98.0%).
+  Pure in `key`. `python -m diffenc_jax.metrics` times the default on mnist5k and prints its
+  held-out accuracy (docs/benchmarks.md, "The feature classifier").
   """
   images, labels = np.asarray(images, np.float32), np.asarray(labels, np.int32)
   if images.ndim != 4 or labels.shape != images.shape[:1]:
@@ -220,8 +216,8 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, key: jax.Array,
   lrs = np.float32(lr) * optax.cosine_decay_schedule(1.0, steps)(np.arange(steps))
   batches = _batch_indices(order_key, num=len(images), steps=steps, batch_size=batch_size)
   images, labels = jnp.asarray(images), jnp.asarray(labels)
-  # A Python loop over jitted steps, not lax.scan: XLA:CPU ran this step ~15× slower inside a
-  # while loop (measured with 32-64-64 channels: 3.4 vs 0.23 CPU-s per mnist5k step).
+  # A Python loop over jitted steps, not lax.scan: XLA:CPU runs this step's convolutions far
+  # slower inside a while loop (docs/benchmarks.md, "The feature classifier")
   max_shift = round(images.shape[1] / 14) if max_shift is None else max_shift
   for step, (idx, lr_t) in enumerate(zip(batches, lrs)):
     params, adam_state = _train_step(model, params, adam_state, images, labels, idx, lr_t,

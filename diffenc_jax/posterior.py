@@ -118,16 +118,15 @@ def draw_energy_noise(
         weighted by 1/(n q_mix(λ)), q_mix = the mixture density with the realised fractions.
         A uniform part is defensive: it bounds the weights by 1/uniform_fraction times the
         uniform ones whatever the integrand, but with few draws it spends whole strata where z
-        does not matter (on the linear-gaussian test, 0.25 of 4 values of λ raised the
-        gradient's variance 26-fold); the default 0 relies on the logistic's tails instead.
+        does not matter (docs/method.md §4); the default 0 relies on the logistic's tails
+        instead.
     stratified: each component's draws along M are (u + i/n) mod 1 through its inverse CDF.
     antithetic: ε and −ε at the same λ, each with half the weight.
     log_snr_center: the logistic's centre: ≈ log(1/s²) for a decoder whose residual per-dimension
       std given z is s (2.0: s ≈ 0.37 on data in [−1, 1]).
     log_snr_scale: the logistic's scale. 1 is the shape of the linear-gaussian gradient's
       integrand; 2 (the default) has heavier tails than it, so the weights stay bounded where
-      the integrand lives away from the centre: on the linear-gaussian test (s = 0.3) with
-      stratified draws it gave the lowest variance at every centre in {0, 2, 4}.
+      the integrand lives away from the centre (docs/method.md §4).
     uniform_fraction: the uniform share of the 'logistic' mixture.
   Returns:
     EnergyDraws with log_snr, t, weight (B, M) and eps (B, M, ...).

@@ -151,8 +151,8 @@ def spd_factor(h: Array, floor: float = 1e-6) -> tuple[Array, Array]:
   Cholesky-Crout and forward substitution written in jax.numpy (two `fori_loop`s of d
   batched O(d²) steps), not LAPACK: on a CPU with several devices jaxlib's batched `eigh`
   kernel fans each batch out over the XLA thread pool from inside it, and with as many devices
-  as cores every pool thread can wait on work queued behind it (measured: a 2-device run of
-  configs/mnist.py hung in its first round). Pivots are floored at `floor` ×
+  as cores every pool thread can wait on work queued behind it: the run deadlocks
+  (docs/benchmarks.md, "Langevin steps"). Pivots are floored at `floor` ×
   the largest diagonal entry: a guard for H = JᵀJ/(σ²β) + I growing ill-conditioned in
   float32 as the decoder sharpens (the floored L Lᵀ then differs from h only there).
   """

@@ -373,8 +373,8 @@ class Trainer:
     if shift:
       k_aug, key = jax.random.split(key)
       xs, offset = data.random_shift(k_aug, xs, shift, return_offsets=True)
-      # a shifted copy is an example of its own: its code differs (a 1-pixel shift moved
-      # mnist_diffdec's codes by ‖Δz‖² ≈ 3.4 against 0.03 between two draws of the encoder)
+      # a shifted copy is an example of its own: a shift moves its code by far more than two
+      # draws of the encoder differ (docs/method.md §4, persistent chains)
       index = index * (2 * shift + 1) ** 2 + offset
     if getattr(self.method, "uses_example_index", False):
       return self.method.train_round(state, xs, key, index=index)

@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffenc_jax.models import (BernoulliEncoder, DeterministicEncoder, GaussianDecoder,
-                                GaussianEncoder, LatentDenoiser, ResNetEncoder, UNetDecoder,
+from diffenc_jax.models import (BernoulliEncoder, DeterministicEncoder, GaussianEncoder,
+                                LatentDenoiser, MeanDecoder, ResNetEncoder, UNetDecoder,
                                 hard_bernoulli, relaxed_bernoulli)
 from diffenc_jax.models.layers import AttentionBlock, sinusoidal_embedding
 
@@ -195,7 +195,7 @@ def test_hard_bernoulli():
                                               ((64, 64, 3), "conv"), ((8, 8, 1), "conv"),
                                               ((28, 28, 1), "mlp"), ((2,), "conv")])
 def test_gaussian_decoder(image_shape, arch):
-  model = GaussianDecoder(image_shape, channels=(16, 8), arch=arch, mlp_hidden=(32, 32))
+  model = MeanDecoder(image_shape, channels=(16, 8), arch=arch, mlp_hidden=(32, 32))
   z = randn(0, (B, D))
   params = random_params(model, z)
   target = randn(1, (B, *image_shape))
@@ -222,7 +222,7 @@ def test_gaussian_decoder(image_shape, arch):
 
 
 def test_gaussian_decoder_per_example_independence():
-  model = GaussianDecoder((28, 28, 1), channels=(16, 8))
+  model = MeanDecoder((28, 28, 1), channels=(16, 8))
   z = randn(0, (B, D))
   params = random_params(model, z)
   apply = jit(model.apply)

@@ -2,7 +2,7 @@
 U-Net and transformer denoisers), baseline encoders. The decoders as likelihoods with their
 losses and samplers are `diffenc_jax.decoders`."""
 
-from diffenc_jax.models.decoders import CONDITIONINGS, GaussianDecoder, UNetDecoder
+from diffenc_jax.models.decoders import CONDITIONINGS, MeanDecoder, UNetDecoder
 from diffenc_jax.models.dit import DiTDenoiser
 from diffenc_jax.models.encoders import (BernoulliEncoder, DeterministicEncoder, GaussianEncoder,
                                          ResNetEncoder, hard_bernoulli, relaxed_bernoulli)
@@ -13,10 +13,10 @@ __all__ = [
     "BernoulliEncoder",
     "DeterministicEncoder",
     "DiTDenoiser",
-    "GaussianDecoder",
     "GaussianEncoder",
     "LatentDenoiser",
     "LatentPrior",
+    "MeanDecoder",
     "ResNetEncoder",
     "UNetDecoder",
     "hard_bernoulli",

@@ -1,4 +1,5 @@
-"""Decoders p_θ(x | z): a Gaussian mean network and a z-conditioned diffusion U-Net."""
+"""Decoder networks: `MeanDecoder`, the mean μ_θ(z) of a gaussian decoder, and `UNetDecoder`, a
+z-conditioned diffusion U-Net. The decoders as likelihoods are `diffenc_jax.decoders`."""
 
 from __future__ import annotations
 
@@ -23,17 +24,19 @@ def _halvings(size: int, n: int) -> list[int]:
   return sizes
 
 
-class GaussianDecoder(nn.Module):
-  """Mean network μ_θ(z) of a Gaussian decoder: z (B, d) → μ (B, *image_shape).
+class MeanDecoder(nn.Module):
+  """Mean network μ_θ(z) of a gaussian decoder (`decoders.GaussianDecoder`): z (B, d) → μ
+  (B, *image_shape).
 
   Images (H, W, C): Dense → reshape to (H/2^n, W/2^n, channels[0]) with n = len(channels),
   then per stage a 4×4 stride-2 ConvTranspose to channels[i] (cropped to the exact size, so
   odd sizes such as 7 → 14 → 28 work) → GroupNorm → SiLU, and a final 3×3 conv to C. The
   output is linear (unconstrained; data live in [-1, 1]). ConvTranspose works at the input
-  resolution, ~2× cheaper than resize + conv: the decoder's per-example Jacobian is hot.
+  resolution, cheaper than resize + conv: the decoder's per-example Jacobian is hot.
   Vectors (D,), or images with arch='mlp': an MLP with hidden widths `mlp_hidden` (the
-  output reshaped to the image). On a CPU the MLP is ~30× cheaper than the conv stack, which
-  matters because the E-step differentiates the decoder many times per training step.
+  output reshaped to the image). On a CPU the MLP is much cheaper than the conv stack
+  (docs/benchmarks.md, "Langevin steps"), which matters because the E-step differentiates the
+  decoder many times per training step.
   `dropout` > 0 drops MLP hidden units when train=True (the 'dropout' rng): a regulariser for
   small datasets; the mean used by the E-step and evaluation is the deterministic one.
   """

@@ -18,9 +18,8 @@ import jax.numpy as jnp
 zeros_init = nn.initializers.zeros
 _NHWC = ("NHWC", "HWIO", "NHWC")
 # XLA:CPU convolutions with at most this many output positions are computed as im2col patches
-# @ kernel: XLA's own conv is pathologically slow on such small maps (benchmarks/conv.py: a 3×3
-# 512→512 conv on 16×2×2 maps takes 95 ms forward and 195 ms for both gradients, against 1 and
-# 3 ms as a matmul), while on larger maps it is the faster of the two
+# @ kernel: XLA's own conv is pathologically slow on such small maps, while on larger maps it is
+# the faster of the two (benchmarks/conv.py; docs/benchmarks.md, "Convolutions on small maps")
 IM2COL_MAX_POSITIONS = 16
 
 
@@ -187,7 +186,8 @@ class Upsample(nn.Module):
   def __call__(self, x, size: Sequence[int]):
     b, h, w, c = x.shape
     if tuple(size) == (2 * h, 2 * w):  # each pixel repeated 2×2: a broadcast, whose gradient
-      # is a sum (on XLA:CPU 3–6× faster than `jax.image.resize`'s gather and scatter-add)
+      # is a sum (on XLA:CPU faster than `jax.image.resize`'s gather and scatter-add;
+      # docs/benchmarks.md, "Convolutions on small maps")
       x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)
     else:
       x = jax.image.resize(x, (b, size[0], size[1], c), method="nearest")
