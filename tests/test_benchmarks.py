@@ -76,12 +76,13 @@ def test_side_by_side_without_a_checkout(script, reference_file, tmp_path, capsy
   assert len(out.splitlines()) == 1 and "not a checkout of" in out and reference_file in out
 
 
-def test_vs_reference_without_torch(tmp_path, capsys, monkeypatch):
-  for f in ("templates.py", "config.py", os.path.join("model", "unet_autoenc.py")):
+@pytest.mark.parametrize("script", ["vs_reference", "vs_dit"])
+def test_side_by_side_without_torch(script, tmp_path, capsys, monkeypatch):
+  monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
+  module = load(script)
+  for f in module.REFERENCE_FILES:  # a checkout's files, empty
     (tmp_path / f).parent.mkdir(exist_ok=True)
     (tmp_path / f).write_text("")
-  monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
-  module = load("vs_reference")
   with pytest.raises(SystemExit) as exit_:
     module.main(["--reference", str(tmp_path)])
   assert exit_.value.code == 2
@@ -121,18 +122,6 @@ def test_dit_breakdown_prints_every_part():
   # the backward pass costs more FLOPs than the forward pass alone
   assert found["· network forward + backward"][1] > 2 * found["· network forward"][1]
   assert "float32 peak" in proc.stdout
-
-
-def test_vs_dit_without_torch(tmp_path, capsys, monkeypatch):
-  (tmp_path / "models.py").write_text("")
-  monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
-  module = load("vs_dit")
-  with pytest.raises(SystemExit) as exit_:
-    module.main(["--reference", str(tmp_path)])
-  assert exit_.value.code == 2
-  out = capsys.readouterr().out.strip()
-  assert len(out.splitlines()) == 1 and "PyTorch is not installed" in out
-  assert "[reference]" in out
 
 
 def test_vs_dit_ours_alone_times_every_case(capsys):
