@@ -5,10 +5,10 @@ Rounds 0–749 (a quarter) are a gaussian warm-up (em.gaussian_warmup_rounds): E
 auxiliary gaussian decoder whose z^K the diffusion decoder learns to use meanwhile (from a
 diffusion decoder that ignores z, EM stays there). Rounds 750–2,999 are EM against the
 diffusion decoder with the encoder at its full rate. Its E-step keeps a persistent chain per
-training example (em.chain_slots; no shift augmentation), filled by the warm-up, continued at every
-visit by 2 steps of stochastic-gradient Langevin (fresh ELBO draws at every step) preconditioned
-by a running diagonal curvature estimate; the encoder learns the chains' states. docs/recipes.md
-has what was measured.
+training example (em.chain_slots; no shift augmentation), filled by the warm-up, continued at
+every visit by 2 steps of stochastic-gradient Langevin (fresh ELBO draws at every step, λ drawn
+where the energy's gradient lives) preconditioned by a running diagonal curvature estimate; the
+encoder learns the chains' states. docs/recipes.md has what was measured.
 """
 
 from configs import default
@@ -28,10 +28,15 @@ def get_config():
   config.em.chain_slots = 4500
   config.em.langevin.num_steps = 2
   config.em.langevin.step_rule = "diagonal"
-  config.em.langevin.step_size = 0.2
+  config.em.langevin.step_size = 0.5
   config.em.langevin.mala = False  # fresh draws: no fixed energy for MALA
   config.em.langevin.fresh_draws = True
   config.em.langevin.mc_samples = 2  # one λ, with ε and −ε, new at every step
+  # λ drawn where the energy's gradient lives (it is spread over high λ as well as the
+  # middle), not where z buys its nats: the step's noise, and with it the curvature estimate
+  # that sets the step, is what this proposal lowers (docs/recipes.md)
+  config.em.langevin.log_snr_center = 8.0
+  config.em.langevin.log_snr_scale = 4.0
   config.em.eval_refine_steps = 2
   config.train.num_steps = 3000
   config.train.lr_schedule = "cosine"
