@@ -206,6 +206,13 @@ def posterior_sample(config, decoder, dec_params, x: Array, z0: Array, key: Arra
       fresh_draws=fresh, curvature=curvature)
 
 
+def running_curvature(old: Array, new: Array, decay: float) -> Array:
+  """A persistent chain's `diagonal` curvature after a visit: the running mean
+  decay · old + (1 − decay) · new of its (∇log π)² (new: the visit's `info.grad_sq`), started at
+  new where old ≤ 0 (the chain's first visit)."""
+  return jnp.where(old > 0, decay * old + (1 - decay) * new, new)
+
+
 class DiffusionEncoder:
   """The method: static configuration plus pure functions over `TrainState` (the interface
   of `diffenc_jax.methods`)."""
@@ -413,10 +420,8 @@ class DiffusionEncoder:
     if chains is not None:
       curv = chains["curvature"]
       if not warm:  # a running mean of the chain's (∇log π)²: the `diagonal` rule's curvature
-        old = curv[slot]
-        rho = self.config.em.curvature_decay
-        new = lat["info"].grad_sq
-        curv = curv.at[slot].set(jnp.where(old > 0, rho * old + (1 - rho) * new, new))
+        curv = curv.at[slot].set(running_curvature(curv[slot], lat["info"].grad_sq,
+                                                   self.config.em.curvature_decay))
       chains = {"z": chains["z"].at[slot].set(zk), "visits": chains["visits"].at[slot].add(1),
                 "curvature": curv}
       chain_metrics["chain_visits"] = jnp.mean(chains["visits"][slot].astype(jnp.float32))

@@ -175,6 +175,32 @@ def draw_energy_noise(
                      weight=weight.astype(dtype))
 
 
+def proposal_mass(schedule: Schedule, edges, proposal: str = "logistic", *,
+                  log_snr_center: float = 2.0, log_snr_scale: float = 2.0,
+                  uniform_fraction: float = 0.0, num_samples: int = 2,
+                  antithetic: bool = True) -> Array:
+  """The probability that one λ of `draw_energy_noise` (same options) falls in each bin of
+  `edges` (n + 1,) increasing log-SNR edges: (n,), summing to 1 when the edges span
+  [λ_min, λ_max]. With it, Σ_b E‖ĝ_b‖² / mass_b is the second moment of a one-draw estimate of
+  a λ-integral whose per-bin one-draw estimates (λ uniform in the bin) have second moments
+  E‖ĝ_b‖² (exact for a proposal constant within each bin)."""
+  if proposal not in PROPOSALS:
+    raise ValueError(f"unknown proposal {proposal!r}; choose one of {PROPOSALS}")
+  lam_min, lam_max = _log_snr_range(schedule)
+  e = jnp.clip(jnp.asarray(edges, jnp.float32), lam_min, lam_max)
+  if proposal == "uniform_t":  # t ~ U(0, 1); λ decreases in t
+    cdf = 1.0 - schedule.t_of_log_snr(e)
+  else:
+    n = num_samples // 2 if antithetic else num_samples
+    n_u = n if proposal == "uniform" else int(round(uniform_fraction * n))
+    cdf = (n_u / n) * (e - lam_min) / (lam_max - lam_min)
+    if n_u < n:
+      lo, hi = _logistic_cdf_range(lam_min, lam_max, log_snr_center, log_snr_scale)
+      cdf = cdf + (1 - n_u / n) * (jax.nn.sigmoid((e - log_snr_center) / log_snr_scale) - lo) / (
+          hi - lo)
+  return jnp.diff(cdf)
+
+
 def diffusion_energy_terms(
     eps_fn: EpsFn,
     x: Array,

@@ -4,6 +4,7 @@ the posterior it targets (docs/method.md §4).
     info = z_information(decoder, dec_params, x, z, z_other, key, edges)   # per log-SNR bin
     ref = reference_chain(config, decoder, dec_params, x, z_init, key, h_at=z0)  # long chain
     figures = chain_check(config, method, params, images, key)             # one row of figures
+    states = persistent_visits(config, method, params, images, key, [10, 40])  # frozen decoder
 
 `z_information` splits the continuous-time ELBO of a diffusion decoder into bins of log-SNR λ:
 in each bin, the nats per unit λ that the code z buys over another code z' (the code of another
@@ -18,7 +19,9 @@ a many-draw ELBO for a diffusion decoder): the encoder's z⁰, the E-step's K-st
 a long reference chain (`reference_chain`: Gauss-Newton-preconditioned Langevin with fresh draws
 at every step), run from z⁰ and from a prior draw. Where the two reference chains agree they give
 the posterior's typical NLL, and `coverage` is the share of the way from NLL(z⁰) to it that the
-E-step's chain covers.
+E-step's chain covers. `persistent_visits` runs the persistent chains of training on a frozen
+decoder for a given number of visits, for `chain_check` to score: how far a chain gets in as
+many visits as training gives it.
 """
 
 from __future__ import annotations
@@ -91,7 +94,12 @@ def combine_bins(parts: list[dict], edges, draws_per_bin: int) -> dict[str, np.n
       estimate from draws_per_bin draws, debiased by the draws' variance);
     grad_noise_one_draw: RMS over examples of a one-draw estimate's noise of that integral;
     draws_needed: (noise / signal)², the draws at which the bin's gradient estimate has a
-      signal-to-noise ratio of 1."""
+      signal-to-noise ratio of 1;
+    grad_second_moment: signal² + noise², the mean square norm of a one-draw estimate of the
+      bin's gradient (λ uniform in the bin): with `posterior.proposal_mass` q of a λ proposal,
+      Σ_b grad_second_moment_b / q_b is the second moment of the E-step's one-draw estimate of
+      the whole gradient, and q_b ∝ √grad_second_moment_b the best proposal constant on the
+      bins."""
   tot = {k: np.sum([np.asarray(p[k], np.float64) for p in parts], 0) for k in parts[0]}
   edges = np.asarray(edges, np.float64)
   width = np.diff(edges)
@@ -104,7 +112,8 @@ def combine_bins(parts: list[dict], edges, draws_per_bin: int) -> dict[str, np.n
   return {"lambda_lo": edges[:-1], "lambda_hi": edges[1:], "gain_per_lambda": mean,
           "gain_se": np.sqrt(var / n), "gain_nats": mean * width,
           "grad_signal": np.sqrt(signal_sq), "grad_noise_one_draw": np.sqrt(noise_sq),
-          "draws_needed": noise_sq / np.maximum(signal_sq, 1e-30)}
+          "draws_needed": noise_sq / np.maximum(signal_sq, 1e-30),
+          "grad_second_moment": signal_sq + noise_sq}
 
 
 def reference_chain(config, decoder, dec_params, x: Array, z_init: Array, key: Array,
@@ -132,6 +141,43 @@ def reference_chain(config, decoder, dec_params, x: Array, z_init: Array, key: A
       step_rule="gauss_newton", precision_fn=lambda z: h, refresh_precision=False,
       mala=not fresh, fresh_draws=fresh)
   return z
+
+
+def persistent_visits(config, method, params, images: np.ndarray, key: Array,
+                      visits, batch_size: int | None = None) -> dict[int, np.ndarray]:
+  """The E-step's persistent chains (em.chain_slots) on a frozen model: each image's chain
+  starts at its z⁰ and is continued `max(visits)` times as training continues it at every visit
+  (`method.latents` with resume, the `diagonal` curvature a running mean over visits,
+  `em.running_curvature`), but with the decoder held fixed. Returns {v: the chains' states
+  (N, d) after v visits} for each v in visits, to score with `chain_check(z_chain=…)`: how many
+  visits the chain needs to reach the posterior, apart from the decoder moving under it. The
+  `diagonal` rule pools its curvature over a batch, so the states depend on batch_size
+  (default eval.batch_size), as training's do on train.batch_size."""
+  from diffenc_jax import em
+  from diffenc_jax.evaluate import in_batches
+  visits = sorted({int(v) for v in visits})
+  if not visits or visits[0] < 1:
+    raise ValueError(f"visits must be >= 1, got {visits}")
+  decay = config.em.curvature_decay
+
+  @jax.jit
+  def visit(x, z, curv, seen, k):
+    lat = method.latents(params, x, k, resume=(z, seen, curv))
+    return lat["zK"], em.running_curvature(curv, lat["info"].grad_sq, decay)
+
+  def batch(x, k):
+    z = jnp.zeros((x.shape[0], method.latent_dim), x.dtype)
+    curv, seen, out = jnp.zeros_like(z), jnp.zeros((x.shape[0],), bool), {}
+    for v in range(1, visits[-1] + 1):
+      z, curv = visit(x, z, curv, seen, jax.random.fold_in(k, v))
+      seen = jnp.ones_like(seen)
+      if v in visits:
+        out[v] = z
+    return out
+
+  b = batch_size or config.eval.batch_size
+  parts = in_batches(batch, images, b, key)
+  return {v: np.concatenate([p[v] for p in parts]) for v in visits}
 
 
 def chain_check(config, method, params, images: np.ndarray, key: Array, draws: int = 64,
@@ -211,6 +257,18 @@ def chain_check(config, method, params, images: np.ndarray, key: Array, draws: i
     target = figures["nll_ref"] - figures["nll_z0"]
     figures["coverage"] = figures["nll_change"] / target if target else float("nan")
   return figures
+
+
+def proposal_second_moments(second_moment, mass) -> dict[str, float]:
+  """Σ_b second_moment_b / q_b (`combine_bins`' grad_second_moment) for the proposal masses
+  `mass` (n,), for λ uniform over the bins, and for the best q constant on the bins,
+  q_b ∝ √second_moment_b, whose value is (Σ_b √second_moment_b)²."""
+  m2 = np.asarray(second_moment, np.float64)
+  width = np.full_like(m2, 1.0 / len(m2))
+  with np.errstate(divide="ignore"):
+    value = lambda q: float(np.sum(np.where(m2 > 0, m2 / np.asarray(q, np.float64), 0.0)))
+  return {"proposal": value(mass), "uniform": value(width),
+          "best": float(np.sum(np.sqrt(m2)) ** 2)}
 
 
 def default_edges(schedule: schedules.Schedule, num_bins: int = 10) -> np.ndarray:

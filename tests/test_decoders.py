@@ -310,3 +310,56 @@ def test_chain_check_scores_z0_and_zK_under_one_estimate(decoder):
   config.method = "diffae"
   with pytest.raises(ValueError, match="no E-step chain"):
     posterior_check.chain_check(config, methods.get_method(config, (8, 8, 1)), params, x, key)
+
+
+def test_persistent_visits_continue_each_chain_as_training_does():
+  """posterior_check.persistent_visits: visit 1 is the E-step from z⁰ with no curvature known;
+  every later visit continues the last state with the running curvature (em.running_curvature)
+  — checked by replaying the visits through method.latents; the states returned are those after
+  the visits asked for."""
+  config = tiny.get_config()
+  config.model.decoder, config.model.denoiser = "diffusion", "dit"
+  config.model.dit_patch_size, config.model.dit_width, config.model.dit_depth = 4, 16, 1
+  lv = config.em.langevin
+  lv.step_rule, lv.mala, lv.fresh_draws, lv.num_steps, lv.step_size = "diagonal", False, True, 2, 0.5
+  config.em.curvature_decay = 0.5
+  m = methods.get_method(config, (8, 8, 1))
+  params = jax.jit(m.init_state)(jax.random.key(0)).params
+  leaves, tree = jax.tree.flatten(params)
+  params = jax.tree.unflatten(tree, [p + 0.3 * jax.random.normal(jax.random.key(i), p.shape)
+                                     for i, p in enumerate(leaves)])
+  x = np.asarray(jax.random.uniform(jax.random.key(2), (6, 8, 8, 1), minval=-1.0))
+  key = jax.random.key(3)
+  states = posterior_check.persistent_visits(config, m, params, x, key, [3, 1], batch_size=6)
+  assert sorted(states) == [1, 3] and states[3].shape == (6, config.model.latent_dim)
+  k = jax.random.fold_in(key, 0)  # the first batch's key
+  z, curv, seen = jnp.zeros((6, config.model.latent_dim)), jnp.zeros((6, config.model.latent_dim)), jnp.zeros((6,), bool)
+  replay = {}
+  for v in (1, 2, 3):
+    lat = m.latents(params, x, jax.random.fold_in(k, v), resume=(z, seen, curv))
+    if v == 1:  # from z⁰
+      np.testing.assert_allclose(lat["info"].displacement_sq,
+                                 np.mean(np.sum((lat["zK"] - lat["z0"]) ** 2, -1)), rtol=1e-4)
+    z, seen = lat["zK"], jnp.ones_like(seen)
+    new = lat["info"].grad_sq
+    curv = jnp.where(curv > 0, 0.5 * curv + 0.5 * new, new)
+    replay[v] = np.asarray(z)
+  np.testing.assert_allclose(states[1], replay[1], rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(states[3], replay[3], rtol=1e-4, atol=1e-5)
+  assert np.max(np.abs(states[3] - states[1])) > 1e-3  # the chain moved on
+  with pytest.raises(ValueError, match="visits"):
+    posterior_check.persistent_visits(config, m, params, x, key, [0])
+
+
+@pytest.mark.parametrize("flags,message", [(["--visits=0"], "--visits must be >= 1"),
+                                           (["--visits=2", "--persistent"], "cannot go with"),
+                                           (["--visits=a"], "must be integers")])
+def test_chain_check_refuses_bad_visits_in_one_line(tmp_path, flags, message):
+  """chain_check's --visits: bad values get one line, before any run is loaded."""
+  import subprocess
+  import sys
+  proc = subprocess.run([sys.executable, "-m", "diffenc_jax.experiments.chain_check",
+                         f"--workdir={tmp_path / 'none'}", *flags], capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode != 0
+  assert message in proc.stderr.strip().splitlines()[-1], proc.stderr

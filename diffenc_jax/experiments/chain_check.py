@@ -3,7 +3,7 @@ r"""Does the E-step's chain follow the decoder's posterior, and what does z buy?
     python -m diffenc_jax.experiments.chain_check --workdir runs/mnist_diffdec \
         [--steps=2000,2500,3000] [--draws=64] [--num=500] \
         [--reference_steps=200 --reference_draws=8 --reference_step_size=0.05] \
-        [--information --bins=10 --bin_draws=8]
+        [--information --bins=10 --bin_draws=8] [--visits=5,10,20,40]
 
 prints one row per checkpoint (`--steps`, default the newest) of `posterior_check.chain_check` on
 the first `--num` held-out examples: the decoder's NLL of z⁰ and of the chain's z^K (for a
@@ -13,7 +13,12 @@ the posterior score's norm E‖∇U(z⁰)‖ and the chain's step; with --refere
 reached by long reference chains from z⁰ and from a prior draw, and the share of the way to it
 that the E-step's chain covers. With --information (diffusion decoder), a table per log-SNR bin
 of `posterior_check.z_information`: the nats per unit λ that z⁰ buys over the code of another
-held-out example, and the E-step gradient's signal and one-draw noise there.
+held-out example, and the E-step gradient's signal and one-draw noise there, and the one-draw
+second moment of the gradient estimate under the E-step's λ proposal, λ uniform, and the best
+proposal piecewise constant on the bins. With --visits, the persistent chains of training run on
+the frozen checkpoint (`posterior_check.persistent_visits`) from the held-out z⁰, one row per
+number of visits: how far a chain gets in as many visits as training gives it (the reference
+chains run once, for the last row; every row's coverage is against it).
 """
 
 from __future__ import annotations
@@ -35,6 +40,9 @@ _PERSISTENT = flags.DEFINE_bool(
     "persistent", False, "Score the run's persistent chains (em.chain_slots) as z^K, on the "
     "first --num training examples whose chain has run (a check of the sampler, not of the "
     "model): each example's unshifted copy.")
+_VISITS = flags.DEFINE_list(
+    "visits", [], "Score the persistent chains after these numbers of visits on the frozen "
+    "checkpoint instead of one E-step from z⁰ (held-out examples).")
 _BINS = flags.DEFINE_integer("bins", 10, "Log-SNR bins of --information.")
 _BIN_DRAWS = flags.DEFINE_integer("bin_draws", 8, "Draws per example and bin (--information).")
 
@@ -43,14 +51,14 @@ COLUMNS = ("nll_z0", "nll_zK", "nll_change", "share_better", "energy_change", "g
 REFERENCE_COLUMNS = ("nll_ref", "nll_ref_prior", "coverage")
 
 
-def row(step: int, figures: dict[str, float], columns) -> str:
+def row(step, figures: dict[str, float], columns) -> str:
   return f"| {step} | " + " | ".join(f"{figures[c]:.4g}" for c in columns) + " |"
 
 
 def information_table(model, images, key, bins: int, bin_draws: int) -> str:
   """The markdown table of `posterior_check.z_information` on images, z' = the code of the next
   held-out example."""
-  from diffenc_jax import evaluate, posterior_check
+  from diffenc_jax import evaluate, posterior, posterior_check
   method, params = model.method, model.params
   decoder = method.decoder
   edges = posterior_check.default_edges(decoder.schedule, bins)
@@ -64,14 +72,24 @@ def information_table(model, images, key, bins: int, bin_draws: int) -> str:
 
   parts = evaluate.in_batches(batch, images, min(100, len(images)), key)
   f = posterior_check.combine_bins(parts, edges, bin_draws)
+  lv = model.config.em.langevin
+  mass = np.asarray(posterior.proposal_mass(
+      decoder.schedule, edges, lv.proposal, log_snr_center=lv.log_snr_center,
+      log_snr_scale=lv.log_snr_scale, num_samples=lv.mc_samples, antithetic=lv.antithetic))
   lines = ["| log-SNR bin | nats/unit λ that z⁰ buys | ± se | nats in bin | gradient signal | "
-           "one-draw noise | draws for SNR 1 |", "|---|---|---|---|---|---|---|"]
+           "one-draw noise | draws for SNR 1 | E-step's λ mass |", "|---|---|---|---|---|---|---|---|"]
   for i in range(bins):
     lines.append(f"| [{f['lambda_lo'][i]:.1f}, {f['lambda_hi'][i]:.1f}] | "
                  f"{f['gain_per_lambda'][i]:.3g} | {f['gain_se'][i]:.2g} | "
                  f"{f['gain_nats'][i]:.3g} | {f['grad_signal'][i]:.3g} | "
-                 f"{f['grad_noise_one_draw'][i]:.3g} | {f['draws_needed'][i]:.3g} |")
-  lines.append(f"| total | | | {np.sum(f['gain_nats']):.4g} | | | |")
+                 f"{f['grad_noise_one_draw'][i]:.3g} | {f['draws_needed'][i]:.3g} | "
+                 f"{mass[i]:.3g} |")
+  lines.append(f"| total | | | {np.sum(f['gain_nats']):.4g} | | | | |")
+  m = posterior_check.proposal_second_moments(f["grad_second_moment"], mass)
+  lines.append(f"\none-draw second moment of the E-step's gradient estimate, Σ_b E‖ĝ_b‖²/q_b: "
+               f"its proposal ({lv.proposal}, centre {lv.log_snr_center:g}, scale "
+               f"{lv.log_snr_scale:g}) {m['proposal']:.4g}; λ uniform {m['uniform']:.4g}; the "
+               f"best proposal constant on these bins {m['best']:.4g}")
   return "\n".join(lines)
 
 
@@ -81,8 +99,12 @@ def main(argv):
   from diffenc_jax import api, data, posterior_check, train
   try:
     steps = [int(s) for s in _STEPS.value] or [None]
+    visits = sorted({int(v) for v in _VISITS.value})
   except ValueError:
-    raise app.UsageError(f"--steps must be integers, got {_STEPS.value}") from None
+    raise app.UsageError(f"--steps and --visits must be integers, got {_STEPS.value}, "
+                         f"{_VISITS.value}") from None
+  if visits and (visits[0] < 1 or _PERSISTENT.value):
+    raise app.UsageError(f"--visits must be >= 1 and cannot go with --persistent, got {visits}")
   for name, value, low in (("num", _NUM.value, 1), ("reference_steps", _REF_STEPS.value, 0),
                            ("reference_draws", _REF_DRAWS.value, 1), ("bins", _BINS.value, 1),
                            ("bin_draws", _BIN_DRAWS.value, 2)):
@@ -110,10 +132,27 @@ def main(argv):
         images, z_chain = images[seen], np.asarray(chains["z"])[slots[seen]]
       else:
         images, _ = data.load_eval_split(model.config.data, "test", max_examples=_NUM.value)
-      figures = posterior_check.chain_check(
-          model.config, model.method, model.params, images, key, _DRAWS.value,
-          reference_steps=_REF_STEPS.value, reference_draws=_REF_DRAWS.value,
-          reference_step_size=_REF_STEP.value, z_chain=z_chain)
+      rows = []
+      if visits:  # every row scores its states under the same draws, z⁰ and reference
+        states = posterior_check.persistent_visits(model.config, model.method, model.params,
+                                                   images, jax.random.fold_in(key, 2), visits)
+        for v in visits:
+          figures = posterior_check.chain_check(
+              model.config, model.method, model.params, images, key, _DRAWS.value,
+              reference_steps=_REF_STEPS.value if v == visits[-1] else 0,
+              reference_draws=_REF_DRAWS.value, reference_step_size=_REF_STEP.value,
+              z_chain=states[v])
+          rows.append((f"{model.step} ({v} visits)", figures))
+        if _REF_STEPS.value:
+          last = rows[-1][1]
+          for _, figures in rows:
+            figures.update({k: last[k] for k in ("nll_ref", "nll_ref_prior")})
+            figures["coverage"] = (figures["nll_change"] / (last["nll_ref"] - last["nll_z0"]))
+      else:
+        rows.append((model.step, posterior_check.chain_check(
+            model.config, model.method, model.params, images, key, _DRAWS.value,
+            reference_steps=_REF_STEPS.value, reference_draws=_REF_DRAWS.value,
+            reference_step_size=_REF_STEP.value, z_chain=z_chain)))
       info = None
       if _INFO.value:
         if model.method.decoder.kind != "diffusion":
@@ -130,7 +169,8 @@ def main(argv):
             f"{_DRAWS.value} ELBO draws")
       print("| round | " + " | ".join(columns) + " |\n|" + "---|" * (len(columns) + 1))
       header = False
-    print(row(model.step, figures, columns), flush=True)
+    for label, figures in rows:
+      print(row(label, figures, columns), flush=True)
     if info:
       print(f"\nround {model.step}: what z⁰ buys over another example's code, per log-SNR bin\n"
             + info + "\n", flush=True)
