@@ -318,20 +318,23 @@ class DiffusionEncoder:
       diffusion_kl  the forward-noised estimate from z0 (`losses.rate_estimate`, num_samples
                     draws), the KL of z0 blurred at λ_max only where ε̂ is the exact predictor.
     log_snr_max (diffusion_kl only, and chosen by giving it): integrate from that log-SNR."""
+    if log_snr_max is None and path_rate.estimator(self.config) == "path_kl":
+      return self._encoder_path(params, x, key)["rate"]
+    enc_params = params["encoder"]
+    eps_fn = self.encoder_eps_fn(enc_params, self.encoder.apply(enc_params, x, method="features"))
+    return losses.rate_estimate(eps_fn, z0, key, self.schedule, num_samples, log_snr_max)
+
+  def _encoder_path(self, params, x: Array, key: Array) -> dict[str, Array]:
+    """`path_rate.encoder_path` of the encoder's ancestral sampler on x: its rate and code."""
     enc_params = params["encoder"]
     h = self.encoder.apply(enc_params, x, method="features")
-    eps_fn = self.encoder_eps_fn(enc_params, h)
-    if log_snr_max is None and path_rate.estimator(self.config) == "path_kl":
-      return path_rate.encoder_path(self, eps_fn, x, key)["rate"]
-    return losses.rate_estimate(eps_fn, z0, key, self.schedule, num_samples, log_snr_max)
+    return path_rate.encoder_path(self, self.encoder_eps_fn(enc_params, h), x, key)
 
   def rate_and_latent(self, params, x: Array, z0: Array, key: Array,
                       num_samples: int) -> tuple[Array, Array]:
     """(`rate`, `rate_latent`) under one key, the encoder's path run once."""
     if path_rate.estimator(self.config) == "path_kl":
-      enc_params = params["encoder"]
-      h = self.encoder.apply(enc_params, x, method="features")
-      out = path_rate.encoder_path(self, self.encoder_eps_fn(enc_params, h), x, key)
+      out = self._encoder_path(params, x, key)
       return out["rate"], out["code"]
     return (self.rate(params, x, z0, key, num_samples),
             self.rate_latent(params, x, z0, key))
@@ -342,9 +345,7 @@ class DiffusionEncoder:
     diffusion_kl z̃ = α_0 z0 + σ_0 ε, z0 blurred at the latent schedule's t = 0 (log-SNR λ_max,
     σ_0² = sigmoid(−λ_max))."""
     if path_rate.estimator(self.config) == "path_kl":
-      enc_params = params["encoder"]
-      h = self.encoder.apply(enc_params, x, method="features")
-      return path_rate.encoder_path(self, self.encoder_eps_fn(enc_params, h), x, key)["code"]
+      return self._encoder_path(params, x, key)["code"]
     alpha0, sigma0 = self.schedule.alpha_sigma(jnp.zeros(()))
     return alpha0 * z0 + sigma0 * jax.random.normal(key, z0.shape, z0.dtype)
 

@@ -363,3 +363,22 @@ def test_chain_check_refuses_bad_visits_in_one_line(tmp_path, flags, message):
                         text=True, timeout=120)
   assert proc.returncode != 0
   assert message in proc.stderr.strip().splitlines()[-1], proc.stderr
+
+
+def test_chain_check_langevin_overrides_parse_as_the_fields_types():
+  """chain_check --langevin: each value is parsed as its field's type; unknown fields and values
+  of the wrong type are refused with a line naming them."""
+  from diffenc_jax.experiments import chain_check
+  config = tiny.get_config()
+  chain_check.set_langevin(config, {"step_size": "0.5", "num_steps": "7", "mala": "false",
+                                    "proposal": "uniform", "log_snr_center": "8"})
+  lv = config.em.langevin
+  assert (lv.step_size, lv.num_steps, lv.mala, lv.proposal, lv.log_snr_center) == (
+      0.5, 7, False, "uniform", 8.0)
+  assert isinstance(lv.num_steps, int) and isinstance(lv.log_snr_center, float)
+  with pytest.raises(ValueError, match="no field 'stepsize'"):
+    chain_check.set_langevin(config, {"stepsize": "0.5"})
+  with pytest.raises(ValueError, match="num_steps must be of type int"):
+    chain_check.set_langevin(config, {"num_steps": "2.5"})
+  with pytest.raises(ValueError, match="mala must be of type bool"):
+    chain_check.set_langevin(config, {"mala": "yes"})

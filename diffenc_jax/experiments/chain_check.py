@@ -3,7 +3,8 @@ r"""Does the E-step's chain follow the decoder's posterior, and what does z buy?
     python -m diffenc_jax.experiments.chain_check --workdir runs/mnist_diffdec \
         [--steps=2000,2500,3000] [--draws=64] [--num=500] \
         [--reference_steps=200 --reference_draws=8 --reference_step_size=0.05] \
-        [--information --bins=10 --bin_draws=8] [--visits=5,10,20,40]
+        [--information --bins=10 --bin_draws=8] [--visits=5,10,20,40] \
+        [--langevin=step_size=0.5,log_snr_center=8]
 
 prints one row per checkpoint (`--steps`, default the newest) of `posterior_check.chain_check` on
 the first `--num` held-out examples: the decoder's NLL of z⁰ and of the chain's z^K (for a
@@ -18,7 +19,9 @@ second moment of the gradient estimate under the E-step's λ proposal, λ unifor
 proposal piecewise constant on the bins. With --visits, the persistent chains of training run on
 the frozen checkpoint (`posterior_check.persistent_visits`) from the held-out z⁰, one row per
 number of visits: how far a chain gets in as many visits as training gives it (the reference
-chains run once, for the last row; every row's coverage is against it).
+chains run once, for the last row; every row's coverage is against it). --langevin replaces
+fields of the run's em.langevin (the E-step's sampler) for this check only: another sampler on
+the same checkpoint.
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ _PERSISTENT = flags.DEFINE_bool(
 _VISITS = flags.DEFINE_list(
     "visits", [], "Score the persistent chains after these numbers of visits on the frozen "
     "checkpoint instead of one E-step from z⁰ (held-out examples).")
+_LANGEVIN = flags.DEFINE_list(
+    "langevin", [], "field=value pairs replacing the run's em.langevin fields for this check.")
 _BINS = flags.DEFINE_integer("bins", 10, "Log-SNR bins of --information.")
 _BIN_DRAWS = flags.DEFINE_integer("bin_draws", 8, "Draws per example and bin (--information).")
 
@@ -93,6 +98,26 @@ def information_table(model, images, key, bins: int, bin_draws: int) -> str:
   return "\n".join(lines)
 
 
+def set_langevin(config, overrides: dict[str, str]) -> None:
+  """Sets config.em.langevin's fields from strings, each parsed as the field's current type (the
+  sampler reads them when it is traced, so a loaded method follows them)."""
+  lv = config.em.langevin
+  for name, text in overrides.items():
+    if name not in lv:
+      raise ValueError(f"em.langevin has no field {name!r}; it has {', '.join(sorted(lv))}")
+    kind = type(lv[name])
+    try:
+      if kind is bool:
+        if text.lower() not in ("true", "false", "1", "0"):
+          raise ValueError(text)
+        value = text.lower() in ("true", "1")
+      else:
+        value = kind(text)
+    except ValueError:
+      raise ValueError(f"em.langevin.{name} must be of type {kind.__name__}, got {text!r}") from None
+    lv[name] = value
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # not orbax's every restore step
@@ -112,12 +137,19 @@ def main(argv):
       raise app.UsageError(f"--{name} must be >= {low}, got {value}")
   if _REF_STEP.value <= 0:
     raise app.UsageError(f"--reference_step_size must be > 0, got {_REF_STEP.value}")
+  overrides = {}
+  for item in _LANGEVIN.value:
+    name, sep, value = item.partition("=")
+    if not sep or not name:
+      raise app.UsageError(f"--langevin takes field=value pairs, got {item!r}")
+    overrides[name.strip()] = value.strip()
   columns = COLUMNS + (REFERENCE_COLUMNS if _REF_STEPS.value else ())
   header = True
   for step in steps:
     try:
       model = api.Autoencoder.load(_WORKDIR.value, use_ema=_EMA.value, step=step)
       key = jax.random.key(model.config.seed + 11)
+      set_langevin(model.config, overrides)
       z_chain = None
       if _PERSISTENT.value:
         state = train.Trainer(model.config, _WORKDIR.value).restore_or_init(require=True,
@@ -163,10 +195,12 @@ def main(argv):
       raise app.UsageError(str(e)) from None
     if header:
       lv = model.config.em.langevin
-      print(f"{_WORKDIR.value}: {model.config.method}, {len(images)} held-out examples, "
+      print(f"{_WORKDIR.value}: {model.config.method}, {len(images)} "
+            f"{'training' if _PERSISTENT.value else 'held-out'} examples, "
             f"β = {model.config.em.beta:g}, {lv.num_steps} {lv.step_rule} steps, "
             f"{lv.mc_samples} draws{' (fresh)' if lv.get('fresh_draws', False) else ''}, "
-            f"{_DRAWS.value} ELBO draws")
+            f"step {lv.step_size:g}, λ {lv.proposal} (centre {lv.log_snr_center:g}, scale "
+            f"{lv.log_snr_scale:g}), {_DRAWS.value} ELBO draws")
       print("| round | " + " | ".join(columns) + " |\n|" + "---|" * (len(columns) + 1))
       header = False
     for label, figures in rows:
