@@ -114,7 +114,8 @@ def set_langevin(config, overrides: dict[str, str]) -> None:
       else:
         value = kind(text)
     except ValueError:
-      raise ValueError(f"em.langevin.{name} must be of type {kind.__name__}, got {text!r}") from None
+      raise ValueError(f"em.langevin.{name} must be of type {kind.__name__}, "
+                       f"got {text!r}") from None
     lv[name] = value
 
 
