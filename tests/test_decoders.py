@@ -271,6 +271,18 @@ def test_diffusion_decoder_e_step_runs_on_the_estimator(step_rule, mala):
   assert float(jnp.max(jnp.abs(lat["zK"] - lat["z0"]))) > 0
 
 
+def _perturbed_model(config):
+  """(method, params, x (6, 8, 8, 1), key) for config: params moved away from the
+  zero-initialised outputs, so that z⁰ and the decoder's NLL depend on things."""
+  m = methods.get_method(config, (8, 8, 1))
+  params = jax.jit(m.init_state)(jax.random.key(0)).params
+  leaves, tree = jax.tree.flatten(params)
+  params = jax.tree.unflatten(tree, [p + 0.3 * jax.random.normal(jax.random.key(i), p.shape)
+                                     for i, p in enumerate(leaves)])
+  x = np.asarray(jax.random.uniform(jax.random.key(2), (6, 8, 8, 1), minval=-1.0))
+  return m, params, x, jax.random.key(3)
+
+
 @pytest.mark.parametrize("decoder", ["gaussian", "diffusion"])
 def test_chain_check_scores_z0_and_zK_under_one_estimate(decoder):
   """posterior_check.chain_check: with no chain steps z^K = z⁰, so every change is exactly 0 — for
@@ -281,14 +293,7 @@ def test_chain_check_scores_z0_and_zK_under_one_estimate(decoder):
   config.model.dit_patch_size, config.model.dit_width, config.model.dit_depth = 4, 16, 1
   config.em.beta = 4.0
   config.em.langevin.step_rule, config.em.langevin.mala = "snr", False
-  m = methods.get_method(config, (8, 8, 1))
-  params = jax.jit(m.init_state)(jax.random.key(0)).params
-  # away from the zero-initialised outputs, so that z⁰ and the decoder's NLL depend on things
-  leaves, tree = jax.tree.flatten(params)
-  params = jax.tree.unflatten(tree, [p + 0.3 * jax.random.normal(jax.random.key(i), p.shape)
-                                     for i, p in enumerate(leaves)])
-  x = np.asarray(jax.random.uniform(jax.random.key(2), (6, 8, 8, 1), minval=-1.0))
-  key = jax.random.key(3)
+  m, params, x, key = _perturbed_model(config)
   still = posterior_check.chain_check(config, m, params, x, key, draws=4, num_steps=0)
   for k in ("nll_change", "share_better", "energy_change", "gap", "step_size"):
     assert still[k] == 0.0, (k, still[k])
@@ -323,13 +328,7 @@ def test_persistent_visits_continue_each_chain_as_training_does():
   lv = config.em.langevin
   lv.step_rule, lv.mala, lv.fresh_draws, lv.num_steps, lv.step_size = "diagonal", False, True, 2, 0.5
   config.em.curvature_decay = 0.5
-  m = methods.get_method(config, (8, 8, 1))
-  params = jax.jit(m.init_state)(jax.random.key(0)).params
-  leaves, tree = jax.tree.flatten(params)
-  params = jax.tree.unflatten(tree, [p + 0.3 * jax.random.normal(jax.random.key(i), p.shape)
-                                     for i, p in enumerate(leaves)])
-  x = np.asarray(jax.random.uniform(jax.random.key(2), (6, 8, 8, 1), minval=-1.0))
-  key = jax.random.key(3)
+  m, params, x, key = _perturbed_model(config)
   states = posterior_check.persistent_visits(config, m, params, x, key, [3, 1], batch_size=6)
   assert sorted(states) == [1, 3] and states[3].shape == (6, config.model.latent_dim)
   k = jax.random.fold_in(key, 0)  # the first batch's key
