@@ -184,7 +184,8 @@ def chain_check(config, method, params, images: np.ndarray, key: Array, draws: i
                 num_steps: int | None = None, batch_size: int | None = None,
                 reference_steps: int = 0, reference_draws: int = 8,
                 reference_step_size: float = 0.05,
-                z_chain: np.ndarray | None = None) -> dict[str, float]:
+                z_chain: np.ndarray | None = None,
+                reference: tuple[float, float] | None = None) -> dict[str, float]:
   """Does the E-step's chain move the encoder's z⁰ towards the decoder's posterior?
 
   For each image: z⁰ from the encoder and z^K after the E-step's chain (em.langevin, its
@@ -203,6 +204,8 @@ def chain_check(config, method, params, images: np.ndarray, key: Array, draws: i
     nll_ref, nll_ref_prior  their mean NLL (agreeing when the reference has mixed);
     coverage         (NLL(z^K) − NLL(z⁰)) / (NLL_ref − NLL(z⁰)), means over the images: the share
                      of the way to the posterior's typical NLL that the E-step's chain covers.
+  reference (nll_ref, nll_ref_prior), optional: those figures from an earlier call on the same
+  images, key and draws, to compute coverage against without running the reference chains again.
   z_chain (N, d), optional: the codes to score as z^K instead of running the E-step's chain
   from z⁰, e.g. a run's persistent chains for training images (`opt_state["chains"]`).
   Images go through in batches of `batch_size` (default: eval.batch_size, at most 4096 // draws).
@@ -212,6 +215,8 @@ def chain_check(config, method, params, images: np.ndarray, key: Array, draws: i
     raise ValueError(f"method {config.method!r} has no E-step chain to check")
   if draws < 1:
     raise ValueError(f"draws must be >= 1, got {draws}")
+  if reference is not None and reference_steps:
+    raise ValueError("give reference_steps or a precomputed reference, not both")
   beta = config.em.beta
   decoder = method.decoder
 
@@ -253,7 +258,9 @@ def chain_check(config, method, params, images: np.ndarray, key: Array, draws: i
                                       None if z_chain is None else z_chain[i]),
                    np.arange(len(images)), b, key)
   figures = {k: float(np.mean(np.concatenate([o[k] for o in out]))) for k in out[0]}
-  if reference_steps:
+  if reference is not None:
+    figures["nll_ref"], figures["nll_ref_prior"] = map(float, reference)
+  if "nll_ref" in figures:
     target = figures["nll_ref"] - figures["nll_z0"]
     figures["coverage"] = figures["nll_change"] / target if target else float("nan")
   return figures

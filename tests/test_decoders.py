@@ -317,6 +317,25 @@ def test_chain_check_scores_z0_and_zK_under_one_estimate(decoder):
     posterior_check.chain_check(config, methods.get_method(config, (8, 8, 1)), params, x, key)
 
 
+def test_chain_check_coverage_against_a_precomputed_reference():
+  """coverage = (NLL(z^K) − NLL(z⁰)) / (NLL_ref − NLL(z⁰)); a reference passed in from an earlier
+  call on the same images and key gives every figure that call gave, without its chains."""
+  config = tiny.get_config()
+  config.em.beta = 4.0
+  config.em.langevin.step_rule, config.em.langevin.mala = "snr", False
+  m, params, x, key = _perturbed_model(config)
+  run = posterior_check.chain_check(config, m, params, x, key, draws=4, reference_steps=20,
+                                    reference_step_size=0.2)
+  assert run["nll_ref"] < run["nll_z0"]  # the long chain goes somewhere
+  np.testing.assert_allclose(run["coverage"],
+                             run["nll_change"] / (run["nll_ref"] - run["nll_z0"]), rtol=1e-6)
+  given = posterior_check.chain_check(config, m, params, x, key, draws=4,
+                                      reference=(run["nll_ref"], run["nll_ref_prior"]))
+  assert given == run
+  with pytest.raises(ValueError, match="not both"):
+    posterior_check.chain_check(config, m, params, x, key, reference_steps=2, reference=(0, 0))
+
+
 def test_persistent_visits_continue_each_chain_as_training_does():
   """posterior_check.persistent_visits: visit 1 is the E-step from z⁰ with no curvature known;
   every later visit continues the last state with the running curvature (em.running_curvature)

@@ -169,18 +169,16 @@ def main(argv):
       if visits:  # every row scores its states under the same draws, z⁰ and reference
         states = posterior_check.persistent_visits(model.config, model.method, model.params,
                                                    images, jax.random.fold_in(key, 2), visits)
-        for v in visits:
+        reference = None  # the reference chains run once, with the last row
+        for v in reversed(visits):
           figures = posterior_check.chain_check(
               model.config, model.method, model.params, images, key, _DRAWS.value,
-              reference_steps=_REF_STEPS.value if v == visits[-1] else 0,
+              reference_steps=_REF_STEPS.value if reference is None else 0,
               reference_draws=_REF_DRAWS.value, reference_step_size=_REF_STEP.value,
-              z_chain=states[v])
-          rows.append((f"{model.step} ({v} visits)", figures))
-        if _REF_STEPS.value:
-          last = rows[-1][1]
-          for _, figures in rows:
-            figures.update({k: last[k] for k in ("nll_ref", "nll_ref_prior")})
-            figures["coverage"] = (figures["nll_change"] / (last["nll_ref"] - last["nll_z0"]))
+              z_chain=states[v], reference=reference)
+          if _REF_STEPS.value:
+            reference = (figures["nll_ref"], figures["nll_ref_prior"])
+          rows.insert(0, (f"{model.step} ({v} visits)", figures))
       else:
         rows.append((model.step, posterior_check.chain_check(
             model.config, model.method, model.params, images, key, _DRAWS.value,
