@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from diffenc_jax import em, methods, samplers, schedules
+from diffenc_jax import methods, samplers, schedules, train_state
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
 
@@ -165,7 +165,8 @@ def diffenc_parts(method, state, xs: jax.Array) -> list[Part]:
     loss, grads = jax.value_and_grad(method.encoder_loss)(enc, x, zk, key)
     updates, opt_state = method.enc_opt.update(grads, state.opt_state["encoder"], enc)
     enc = optax.apply_updates(enc, updates)
-    return loss, enc, opt_state, em.ema_update(state.ema["encoder"], enc, config.train.ema_decay)
+    return loss, enc, opt_state, train_state.ema_update(state.ema["encoder"], enc,
+                                                        config.train.ema_decay)
 
   def m_steps(state, xs, latents):
     metrics = []
@@ -230,7 +231,8 @@ def diffae_parts(method, state, xs: jax.Array) -> list[Part]:
       Part("optimiser update (all groups)", False, optimizer_update,
            (params, state.opt_state, grads)),
       Part("EMA update", False,
-           lambda ema, p: em.ema_update(ema, p, config.train.ema_decay), (state.ema, params)),
+           lambda ema, p: train_state.ema_update(ema, p, config.train.ema_decay),
+           (state.ema, params)),
   ]
   if method.prior.normalize:
     parts.append(Part("z statistics (encoder forward again)", False,

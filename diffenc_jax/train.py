@@ -29,7 +29,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from diffenc_jax import (baselines, checkpointing, data, decoders, em, evaluate, losses, methods,
-                         models, path_rate, posterior, runs, samplers, schedules, visualize)
+                         models, path_rate, posterior, runs, samplers, schedules, train_state,
+                         visualize)
 
 MODES = ("train", "eval", "reconstruct", "sample", "encode")
 LR_SCHEDULES = ("constant", "cosine")
@@ -103,8 +104,8 @@ def validate_config(config, num_devices: int | None = None) -> None:
   check(m.unet_conditioning in models.CONDITIONINGS,
         f"unknown model.unet_conditioning {m.unet_conditioning!r}; "
         f"choose one of {models.CONDITIONINGS}")
-  check(config.method not in ("diffae", "dmz") or m.decoder == "diffusion",
-        f"method {config.method!r} needs model.decoder='diffusion'")
+  needs = methods.TABLE[config.method].decoder
+  check(needs in ("any", m.decoder), f"method {config.method!r} needs model.decoder={needs!r}")
   if config.method == "diffae":
     dae = config.diffae
     check(dae.encoder in baselines.DIFFAE_ENCODERS,
@@ -172,6 +173,9 @@ def validate_config(config, num_devices: int | None = None) -> None:
   em_ = config.em
   for name in ("joint_warmup_rounds", "gaussian_warmup_rounds", "joint_code_steps"):
     check(em_[name] >= 0, f"em.{name} must be >= 0, got {em_[name]}")
+  for name in ("gaussian_warmup_rounds", "joint_warmup_rounds"):
+    check(not em_[name] or config.method == "diffenc",
+          f"em.{name} (a warm-up phase of EM) needs method='diffenc'")
   check(not (em_.joint_warmup_rounds and em_.gaussian_warmup_rounds),
         "em.joint_warmup_rounds and em.gaussian_warmup_rounds are two warm-ups: set one")
   check(not em_.gaussian_warmup_rounds or config.model.decoder == "diffusion",
@@ -381,12 +385,12 @@ class Trainer:
     return self.method.train_round(state, xs, key)
 
   # --- state and checkpoints ------------------------------------------------------------
-  def fresh_state(self) -> em.TrainState:
+  def fresh_state(self) -> train_state.TrainState:
     init = jax.jit(self.method.init_state, out_shardings=self.replicated)
     return init(jax.random.key(self.config.seed))
 
   def restore_or_init(self, require: bool = False, step: int | None = None,
-                      set_aside: bool = False) -> em.TrainState:
+                      set_aside: bool = False) -> train_state.TrainState:
     """The newest readable checkpoint (or checkpoint `step`) restored against the abstract state
     (shapes, dtypes and tree structure must match exactly: never a silent partial restore) and
     checked against the digest saved with it, else a fresh state.
@@ -428,7 +432,7 @@ class Trainer:
     _warn(f"checkpoint {step} is unreadable ({why}): moved {where} to {target}, resuming "
           f"from checkpoint {restored}")
 
-  def save(self, state: em.TrainState) -> None:
+  def save(self, state: train_state.TrainState) -> None:
     checkpointing.save(self.checkpoints, state)
 
   def wait_for_saves(self) -> tuple[int | None, str]:
@@ -442,7 +446,7 @@ class Trainer:
     self.checkpoints.reload()
     return self.checkpoints.latest_step(), failure
 
-  def for_evaluation(self, state: em.TrainState) -> em.TrainState:
+  def for_evaluation(self, state: train_state.TrainState) -> train_state.TrainState:
     """The state to evaluate: with several processes each one's local copy of the replicated
     state, so that evaluation (and process 0's images) runs locally, without collectives."""
     if jax.process_count() == 1:
@@ -462,7 +466,7 @@ class Trainer:
             jax.make_array_from_process_local_data(self.round_sharding, index))
 
   # --- training -------------------------------------------------------------------------
-  def train(self, state: em.TrainState | None = None,
+  def train(self, state: train_state.TrainState | None = None,
             stop: runs.StopOnSignal | None = None) -> dict:
     """Trains from `state` (default: `restore_or_init`) to train.num_steps rounds. On any error,
     divergence or KeyboardInterrupt, pending checkpoint saves finish first and the error names
