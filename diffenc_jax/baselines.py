@@ -26,6 +26,10 @@ Array = jax.Array
 DIFFAE_ENCODERS = ("conv", "resnet")
 
 
+def _require(ok: bool, message: str) -> None:
+  if not ok:
+    raise ValueError(message)
+
 
 class OneLossMethod:
   """Mixin: a method trained by one scalar loss over every parameter group, without posterior
@@ -216,6 +220,16 @@ class DiffAE(Autoencoder):
   progress_keys = ("dec_loss", "prior_loss")
   rate_kind = "∞ (deterministic)"
 
+  @staticmethod
+  def validate(config) -> None:
+    """Raises ValueError with one line on a bad diffae section."""
+    d = config.diffae
+    _require(d.encoder in DIFFAE_ENCODERS,
+             f"unknown diffae.encoder {d.encoder!r}; choose one of {DIFFAE_ENCODERS}")
+    _require(d.encoder != "resnet" or config.data.name != "toy2d",
+             "diffae.encoder='resnet' needs image data")
+    _require(d.prior_steps >= 1, f"diffae.prior_steps must be >= 1, got {d.prior_steps}")
+
   def __init__(self, config, data_shape: tuple[int, ...]):
     super().__init__(config, data_shape)
     m, d = config.model, config.diffae
@@ -292,6 +306,19 @@ class DMZ(Autoencoder):
 
   progress_keys = ("dec_loss", "bits_on")
   rate_kind = "d ln 2 (bits)"
+
+  @staticmethod
+  def validate(config) -> None:
+    """Raises ValueError with one line on a bad dmz section (or a U-Net without the
+    cross-attention token DMZ feeds z through)."""
+    m, d = config.model, config.dmz
+    _require(m.denoiser != "unet" or m.unet_conditioning == "xattn",
+             "method 'dmz' feeds z to the U-Net as one cross-attention token: "
+             "needs model.unet_conditioning='xattn'")
+    _require(d.temperature > 0, f"dmz.temperature must be > 0, got {d.temperature}")
+    _require(d.input_perturbation >= 0,
+             f"dmz.input_perturbation must be >= 0, got {d.input_perturbation}")
+    _require(d.sample_steps >= 1, f"dmz.sample_steps must be >= 1, got {d.sample_steps}")
 
   def __init__(self, config, data_shape: tuple[int, ...]):
     super().__init__(config, data_shape)

@@ -85,6 +85,35 @@ class DiffusionEncoder:
   progress_keys = ("gap", "dec_loss_zK")
   rate_kind = "diffusion KL"
 
+  @staticmethod
+  def validate(config) -> None:
+    """Raises ValueError with one line on a bad config of EM's own: the E-step chain's MALA
+    with its step rule, the warm-ups and their chain."""
+    em_, lv = config.em, config.em.langevin
+
+    def require(ok, message):
+      if not ok:
+        raise ValueError(message)
+
+    require(not (lv.mala and (lv.step_rule in ("snr", "diagonal") or lv.max_move > 0)),
+            "em.langevin.mala needs step_rule 'fixed' without max_move, or 'gauss_newton'")
+    require(not (lv.fresh_draws and lv.mala and config.model.decoder == "diffusion"),
+            "em.langevin.fresh_draws draws a new energy at every step: MALA needs a fixed one "
+            "(set em.langevin.mala=False)")
+    for name in ("joint_warmup_rounds", "gaussian_warmup_rounds", "joint_code_steps"):
+      require(em_[name] >= 0, f"em.{name} must be >= 0, got {em_[name]}")
+    require(not (em_.joint_warmup_rounds and em_.gaussian_warmup_rounds),
+            "em.joint_warmup_rounds and em.gaussian_warmup_rounds are two warm-ups: set one")
+    require(not em_.gaussian_warmup_rounds or config.model.decoder == "diffusion",
+            "em.gaussian_warmup_rounds warms up a diffusion decoder: needs "
+            "model.decoder='diffusion'")
+    require(em_.em_enc_lr_scale > 0, f"em.em_enc_lr_scale must be > 0, got {em_.em_enc_lr_scale}")
+    wl = em_.warm_langevin
+    require(wl.step_rule in samplers.STEP_RULES,
+            f"unknown em.warm_langevin.step_rule {wl.step_rule!r}; "
+            f"choose one of {samplers.STEP_RULES}")
+    require(wl.num_steps >= 1, f"em.warm_langevin.num_steps must be >= 1, got {wl.num_steps}")
+
   def __init__(self, config, data_shape: tuple[int, ...]):
     self.config = config
     self.data_shape = tuple(data_shape)

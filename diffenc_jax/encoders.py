@@ -116,3 +116,24 @@ class LatentDiffusionEncoder:
       return self.path(params, x, key)["code"]
     alpha0, sigma0 = self.schedule.alpha_sigma(jnp.zeros(()))
     return alpha0 * z0 + sigma0 * jax.random.normal(key, z0.shape, z0.dtype)
+
+
+def validate(config) -> None:
+  """Raises ValueError with one line on a bad config of the latent diffusion encoder
+  (model.enc_parameterization, enc_weighting; encoder_sampler; em.encoder_noise_draws)."""
+  m, s = config.model, config.encoder_sampler
+
+  def require(ok, message):
+    if not ok:
+      raise ValueError(message)
+
+  require(m.enc_parameterization in losses.PARAMETERIZATIONS,
+          f"unknown model.enc_parameterization {m.enc_parameterization!r}; "
+          f"choose one of {losses.PARAMETERIZATIONS}")
+  require(m.enc_weighting in losses.WEIGHTINGS,
+          f"unknown model.enc_weighting {m.enc_weighting!r}; choose one of {losses.WEIGHTINGS}")
+  require(s.num_steps >= 1, f"encoder_sampler.num_steps must be >= 1, got {s.num_steps}")
+  require(0 <= s.eta <= 1, f"encoder_sampler.eta must be in [0, 1], got {s.eta}")
+  require(s.clip > 0, f"encoder_sampler.clip must be > 0, got {s.clip}")
+  require(config.em.encoder_noise_draws >= 1,
+          f"em.encoder_noise_draws must be >= 1, got {config.em.encoder_noise_draws}")

@@ -26,6 +26,8 @@ from __future__ import annotations
 import importlib
 from typing import NamedTuple
 
+from diffenc_jax import decoders, encoders
+
 
 class Entry(NamedTuple):
   """A method as encoder × decoder × training rule, and the class that implements it."""
@@ -59,10 +61,30 @@ TABLE = {
 METHODS = tuple(TABLE)
 
 
+def method_class(name: str):
+  """The class of method `name`."""
+  if name not in TABLE:
+    raise ValueError(f"unknown method {name!r}; choose one of {METHODS}")
+  module, cls = TABLE[name].cls.split(":")
+  return getattr(importlib.import_module(f"diffenc_jax.{module}"), cls)
+
+
 def get_method(config, data_shape: tuple[int, ...]):
   """The method named by config.method, built for images of shape data_shape."""
-  if config.method not in TABLE:
-    raise ValueError(f"unknown method {config.method!r}; choose one of {METHODS}")
-  module, cls = TABLE[config.method].cls.split(":")
-  return getattr(importlib.import_module(f"diffenc_jax.{module}"), cls)(config,
-                                                                       tuple(data_shape))
+  return method_class(config.method)(config, tuple(data_shape))
+
+
+def validate(config) -> None:
+  """The checks of config.method's pieces in turn, each of its own section: its decoder
+  (`decoders.validate`, and that the method runs with it), its encoder (`encoders.validate` for
+  the latent diffusion encoder), then the method's own (`cls.validate`, where it has one).
+  Raises ValueError with one line."""
+  entry = TABLE[config.method]
+  if entry.decoder not in ("any", config.model.decoder):
+    raise ValueError(f"method {config.method!r} needs model.decoder={entry.decoder!r}")
+  decoders.validate(config)
+  if entry.encoder == "diffusion":
+    encoders.validate(config)
+  own = getattr(method_class(config.method), "validate", None)
+  if own is not None:
+    own(config)
