@@ -10,7 +10,7 @@ every part alike; on a host shared with other work the figures are still only in
 `mnist` (configs/mnist.py, diffenc with the gaussian decoder; 28×28×1, batch 128): the encoder's
 latent DDIM sampling of z⁰ (`DiffusionEncoder.encode`, of which the image features), the
 Gauss-Newton precision of the E-step (the decoder's `precision_fn`: one `jacfwd`; then the
-`spd_factor` that factors it), the Langevin/MALA chain (`em.posterior_sample`, which computes the
+`spd_factor` that factors it), the Langevin/MALA chain (`chain.posterior_sample`, which computes the
 precision once), the encoder update (value_and_grad of `encoder_loss` over
 em.encoder_noise_draws draws + Adam + EMA), the latent prior's step (`prior_step`, when
 em.latent_prior is set) and the em.m_updates M-steps (`m_step`).

@@ -19,7 +19,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from diffenc_jax import decoders, em, latent_prior, losses, models, schedules, train_state
+from diffenc_jax import chain, decoders, latent_prior, losses, models, schedules, train_state
 from diffenc_jax.train_state import TrainState
 
 Array = jax.Array
@@ -131,7 +131,7 @@ class VAE(Autoencoder):
   `latents()["z0"]` and `encode` return the posterior mean μ(x), not a sample: reconstruction
   PSNR and linear probes of a VAE are, by common practice, read from the mean, which is its
   best single code. `latents()["zK"]` is that mean refined by diffenc's E-step Langevin chain
-  (`em.posterior_sample`: same β, step rule, MALA, preconditioner) on this decoder's
+  (`chain.posterior_sample`: same β, step rule, MALA, preconditioner) on this decoder's
   posterior, the like-for-like counterpart of diffenc's z^K.
   """
 
@@ -152,14 +152,14 @@ class VAE(Autoencoder):
   def latents(self, params, x: Array, key: Array,
               num_steps: int | None = None) -> dict[str, Array]:
     """{"z0": μ(x), "zK": μ(x) after `num_steps` (em.langevin.num_steps by default) steps of
-    the E-step's Langevin chain on π_β(z|x) ∝ p(z) p_θ(x|z)^(1/β) (`em.posterior_sample` on
+    the E-step's Langevin chain on π_β(z|x) ∝ p(z) p_θ(x|z)^(1/β) (`chain.posterior_sample` on
     this decoder, β = em.beta), "info": its diagnostics}; num_steps=0: zK = z0, info None.
     No gradients."""
     k_chain = jax.random.fold_in(key, 1)
     z0 = jax.lax.stop_gradient(self.encode(params["encoder"], x))
     if num_steps == 0:
       return {"z0": z0, "zK": z0, "info": None}
-    zk, info = em.posterior_sample(self.config, self.decoder, params["decoder"], x, z0,
+    zk, info = chain.posterior_sample(self.config, self.decoder, params["decoder"], x, z0,
                                    k_chain, num_steps)
     return {"z0": z0, "zK": zk, "info": info}
 

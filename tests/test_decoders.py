@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from diffenc_jax import (decoders, em, evaluate, latent_prior, methods, models, posterior_check,
-                         samplers, schedules, train_state)
+from diffenc_jax import (chain, decoders, evaluate, latent_prior, methods, models,
+                         posterior_check, samplers, schedules, train_state)
 from diffenc_jax.models import dit
 
 SCHED = schedules.CosineSchedule()
@@ -212,7 +212,7 @@ def test_gaussian_warmup_rounds_then_diffusion_em():
   # the warm-up's z^K is the gaussian decoder's chain (em.warm_langevin: gauss_newton + MALA)
   x = xs[0]
   lat = m.latents(state.params, x, key, warm=True)
-  ref = em.posterior_sample(config, m.warm_decoder, state.params["warm_decoder"], x, lat["z0"],
+  ref = chain.posterior_sample(config, m.warm_decoder, state.params["warm_decoder"], x, lat["z0"],
                             jax.random.split(key)[1], 2, langevin=config.em.warm_langevin)[0]
   np.testing.assert_allclose(lat["zK"], ref, rtol=1e-5, atol=1e-6)
   # after the warm-up: em_round on the diffusion decoder; the gaussian decoder stays put
@@ -320,7 +320,7 @@ def test_chain_check_scores_z0_and_zK_under_one_estimate(decoder):
 
 def test_persistent_visits_continue_each_chain_as_training_does():
   """posterior_check.persistent_visits: visit 1 is the E-step from z⁰ with no curvature known;
-  every later visit continues the last state with the running curvature (em.running_curvature)
+  every later visit continues the last state with the running curvature (chain.running_curvature)
   — checked by replaying the visits through method.latents; the states returned are those after
   the visits asked for."""
   config = tiny.get_config()
