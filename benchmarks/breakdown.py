@@ -10,7 +10,7 @@ every part alike; on a host shared with other work the figures are still only in
 `mnist` (configs/mnist.py, diffenc with the gaussian decoder; 28×28×1, batch 128): the encoder's
 latent DDIM sampling of z⁰ (`DiffusionEncoder.encode`, of which the image features), the
 Gauss-Newton precision of the E-step (the decoder's `precision_fn`: one `jacfwd`; then the
-`spd_factor` that factors it), the Langevin/MALA chain (`em.posterior_sample`, which computes the
+`spd_factor` that factors it), the Langevin/MALA chain (`chain.posterior_sample`, which computes the
 precision once), the encoder update (value_and_grad of `encoder_loss` over
 em.encoder_noise_draws draws + Adam + EMA), the latent prior's step (`prior_step`, when
 em.latent_prior is set) and the em.m_updates M-steps (`m_step`).
@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from diffenc_jax import em, methods, samplers, schedules
+from diffenc_jax import methods, samplers, schedules, train_state
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
 
@@ -165,7 +165,8 @@ def diffenc_parts(method, state, xs: jax.Array) -> list[Part]:
     loss, grads = jax.value_and_grad(method.encoder_loss)(enc, x, zk, key)
     updates, opt_state = method.enc_opt.update(grads, state.opt_state["encoder"], enc)
     enc = optax.apply_updates(enc, updates)
-    return loss, enc, opt_state, em.ema_update(state.ema["encoder"], enc, config.train.ema_decay)
+    return loss, enc, opt_state, train_state.ema_update(state.ema["encoder"], enc,
+                                                        config.train.ema_decay)
 
   def m_steps(state, xs, latents):
     metrics = []
@@ -230,7 +231,8 @@ def diffae_parts(method, state, xs: jax.Array) -> list[Part]:
       Part("optimiser update (all groups)", False, optimizer_update,
            (params, state.opt_state, grads)),
       Part("EMA update", False,
-           lambda ema, p: em.ema_update(ema, p, config.train.ema_decay), (state.ema, params)),
+           lambda ema, p: train_state.ema_update(ema, p, config.train.ema_decay),
+           (state.ema, params)),
   ]
   if method.prior.normalize:
     parts.append(Part("z statistics (encoder forward again)", False,

@@ -27,7 +27,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from diffenc_jax import data, em, evaluate, methods, runs, train, visualize
+from diffenc_jax import data, evaluate, latent_prior, methods, runs, train, visualize
 
 Array = jax.Array
 MODES = ("slerp", "lerp")
@@ -283,7 +283,8 @@ class Autoencoder:
     """(mean (d,), std (d,)) with which `manipulate` standardises codes: the run's running
     statistics of z⁰ (diffae.prior_normalize), else zeros and ones."""
     if "zstats" in self.params:
-      return tuple(np.asarray(a) for a in em.LatentDDPMPrior.mean_std(self.params["zstats"]))
+      stats = latent_prior.LatentDDPMPrior.mean_std(self.params["zstats"])
+      return tuple(np.asarray(a) for a in stats)
     return np.zeros(self.latent_dim, np.float32), np.ones(self.latent_dim, np.float32)
 
   def _need_diffusion(self, what: str) -> None:

@@ -5,8 +5,6 @@
                    a latent DDPM prior fitted alongside on the detached codes
     dmz            d Bernoulli bits (relaxed in training, hard at eval), one cross-attention
                    token; ε-MSE with DDPM-IP input perturbation; prior Bernoulli(½)^d
-    diffenc_joint  the diffusion encoder trained by one loss through its DDIM chain (the
-                   ablation of EM)
 
 Each is trained by one loss over all its parameters, one joint update per batch
 (`OneLossMethod`). vae, diffae and dmz (`Autoencoder`) compose an encoder network with a decoder
@@ -20,20 +18,17 @@ import math
 
 import jax
 import jax.numpy as jnp
-import optax
 
-from diffenc_jax import decoders, em, losses, models, schedules
+from diffenc_jax import chain, decoders, latent_prior, losses, models, schedules, train_state
+from diffenc_jax.train_state import TrainState
 
 Array = jax.Array
 DIFFAE_ENCODERS = ("conv", "resnet")
 
 
-def encoder_decoder_optimizers(config) -> dict[str, optax.GradientTransformation]:
-  """The encoder's and decoder's optimisers of a one-loss method: one update of each per batch
-  of a round (`OneLossMethod.train_round`), so a cosine rate decays over e_updates × rounds."""
-  e = config.em.e_updates
-  return {"encoder": em.optimizer_for(config, config.train.enc_lr, e),
-          "decoder": em.optimizer_for(config, config.train.dec_lr, e)}
+def _require(ok: bool, message: str) -> None:
+  if not ok:
+    raise ValueError(message)
 
 
 class OneLossMethod:
@@ -47,23 +42,17 @@ class OneLossMethod:
 
   progress_keys = ("loss",)
 
-  def apply_gradients(self, state: em.TrainState, grads) -> em.TrainState:
-    """One step of each group's optimiser (own clipping and Adam state), then the EMA."""
-    # groups without an optimiser (e.g. running statistics) are carried over unchanged
-    params, opt_state = dict(state.params), dict(state.opt_state)
-    for name, opt in self.optimizers.items():
-      updates, opt_state[name] = opt.update(grads[name], state.opt_state[name],
-                                            state.params[name])
-      params[name] = optax.apply_updates(state.params[name], updates)
-    return state.replace(params=params, opt_state=opt_state,
-                         ema=em.ema_update(state.ema, params, self.config.train.ema_decay))
+  def apply_gradients(self, state: TrainState, grads) -> TrainState:
+    """One step of each group's optimiser (own clipping and Adam state), then its EMA; groups
+    without an optimiser (running statistics) are carried over unchanged."""
+    return train_state.apply_update(state, self.optimizers, grads, self.config.train.ema_decay)
 
-  def update(self, state: em.TrainState, x: Array, key: Array):
+  def update(self, state: TrainState, x: Array, key: Array):
     """One joint update on a batch x (B, ...): returns (state, metrics)."""
     (_, metrics), grads = jax.value_and_grad(self.loss, has_aux=True)(state.params, x, key)
     return self.apply_gradients(state, grads), metrics
 
-  def train_round(self, state: em.TrainState, xs: Array, key: Array):
+  def train_round(self, state: TrainState, xs: Array, key: Array):
     """One joint update per batch of xs (E, B, ...). Returns (state with step + 1, the
     metrics averaged over the batches)."""
     # E = em.e_updates is a small config integer: a trace-time loop, as in em.py (XLA:CPU
@@ -94,7 +83,7 @@ class Autoencoder(OneLossMethod):
     self.latent_dim = config.model.latent_dim
     self.decoder = decoders.build(config, self.data_shape)
     self.schedule = schedules.get_schedule(**config.schedule)  # latent schedule (priors)
-    self.optimizers = encoder_decoder_optimizers(config)
+    self.optimizers = train_state.encoder_decoder_optimizers(config)
 
   def init_params(self, key: Array) -> dict:
     k_enc, k_dec = jax.random.split(key)
@@ -103,11 +92,8 @@ class Autoencoder(OneLossMethod):
     return {"encoder": self.encoder.init(k_enc, jnp.zeros((1,) + self.data_shape)),
             "decoder": self.decoder.init(jax.random.split(k_dec)[1])}
 
-  def init_state(self, key: Array) -> em.TrainState:
-    params = self.init_params(key)
-    opt_state = {name: opt.init(params[name]) for name, opt in self.optimizers.items()}
-    return em.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
-                         ema=jax.tree.map(jnp.copy, params))
+  def init_state(self, key: Array) -> TrainState:
+    return train_state.init(self.init_params(key), self.optimizers)
 
   def decode(self, dec_params, z: Array, key: Array, num_steps: int | None = None) -> Array:
     """x̂ (B, ...) from z (B, d): the gaussian decoder's mean, or an image DDIM sample with
@@ -145,7 +131,7 @@ class VAE(Autoencoder):
   `latents()["z0"]` and `encode` return the posterior mean μ(x), not a sample: reconstruction
   PSNR and linear probes of a VAE are, by common practice, read from the mean, which is its
   best single code. `latents()["zK"]` is that mean refined by diffenc's E-step Langevin chain
-  (`em.posterior_sample`: same β, step rule, MALA, preconditioner) on this decoder's
+  (`chain.posterior_sample`: same β, step rule, MALA, preconditioner) on this decoder's
   posterior, the like-for-like counterpart of diffenc's z^K.
   """
 
@@ -166,14 +152,14 @@ class VAE(Autoencoder):
   def latents(self, params, x: Array, key: Array,
               num_steps: int | None = None) -> dict[str, Array]:
     """{"z0": μ(x), "zK": μ(x) after `num_steps` (em.langevin.num_steps by default) steps of
-    the E-step's Langevin chain on π_β(z|x) ∝ p(z) p_θ(x|z)^(1/β) (`em.posterior_sample` on
+    the E-step's Langevin chain on π_β(z|x) ∝ p(z) p_θ(x|z)^(1/β) (`chain.posterior_sample` on
     this decoder, β = em.beta), "info": its diagnostics}; num_steps=0: zK = z0, info None.
     No gradients."""
     k_chain = jax.random.fold_in(key, 1)
     z0 = jax.lax.stop_gradient(self.encode(params["encoder"], x))
     if num_steps == 0:
       return {"z0": z0, "zK": z0, "info": None}
-    zk, info = em.posterior_sample(self.config, self.decoder, params["decoder"], x, z0,
+    zk, info = chain.posterior_sample(self.config, self.decoder, params["decoder"], x, z0,
                                    k_chain, num_steps)
     return {"z0": z0, "zK": zk, "info": info}
 
@@ -183,7 +169,7 @@ class VAE(Autoencoder):
     mean, log_var = self.encoder.apply(params["encoder"], x)
     return mean + jnp.exp(0.5 * log_var) * jax.random.normal(key, mean.shape, mean.dtype)
 
-  def update(self, state: em.TrainState, x: Array, key: Array):
+  def update(self, state: TrainState, x: Array, key: Array):
     """One update on a batch x at the KL weight β of round state.step (`schedules.beta_at`)."""
     beta = schedules.beta_at(self.config.em, state.step)
     (_, metrics), grads = jax.value_and_grad(self.loss, has_aux=True)(state.params, x, key, beta)
@@ -224,7 +210,7 @@ class DiffAE(Autoencoder):
   checkpoint. With diffae.prior_normalize (DiffAE's z-normalisation) the prior is fitted to z
   standardised by running dataset statistics, kept in params['zstats'] and updated after each
   step, and its samples are de-standardised; the prior's sampler clips its predicted z_0 to
-  ±diffae.prior_clip (`em.LatentDDPMPrior`).
+  ±diffae.prior_clip (`latent_prior.LatentDDPMPrior`).
 
   `rate` is +∞ (a deterministic encoder carries unbounded information about x);
   `sample_latents` runs latent DDIM of the prior (diffae.prior_steps, diffae.prior_eta);
@@ -233,6 +219,16 @@ class DiffAE(Autoencoder):
 
   progress_keys = ("dec_loss", "prior_loss")
   rate_kind = "∞ (deterministic)"
+
+  @staticmethod
+  def validate(config) -> None:
+    """Raises ValueError with one line on a bad diffae section."""
+    d = config.diffae
+    _require(d.encoder in DIFFAE_ENCODERS,
+             f"unknown diffae.encoder {d.encoder!r}; choose one of {DIFFAE_ENCODERS}")
+    _require(d.encoder != "resnet" or config.data.name != "toy2d",
+             "diffae.encoder='resnet' needs image data")
+    _require(d.prior_steps >= 1, f"diffae.prior_steps must be >= 1, got {d.prior_steps}")
 
   def __init__(self, config, data_shape: tuple[int, ...]):
     super().__init__(config, data_shape)
@@ -247,7 +243,7 @@ class DiffAE(Autoencoder):
     else:
       self.encoder = models.DeterministicEncoder(m.latent_dim, tuple(m.enc_channels),
                                                  m.enc_features)
-    self.prior = em.LatentDDPMPrior(config, self.schedule)
+    self.prior = latent_prior.LatentDDPMPrior(config, self.schedule)
     self.optimizers["prior"] = self.prior.optimizer
 
   def init_params(self, key: Array) -> dict:
@@ -257,7 +253,7 @@ class DiffAE(Autoencoder):
       params["zstats"] = self.prior.init_stats()
     return params
 
-  def update(self, state: em.TrainState, x: Array, key: Array):
+  def update(self, state: TrainState, x: Array, key: Array):
     """One joint update, then (with diffae.prior_normalize) the running z statistics."""
     (_, metrics), grads = jax.value_and_grad(self.loss, has_aux=True)(state.params, x, key)
     state = self.apply_gradients(state, grads)
@@ -311,6 +307,19 @@ class DMZ(Autoencoder):
   progress_keys = ("dec_loss", "bits_on")
   rate_kind = "d ln 2 (bits)"
 
+  @staticmethod
+  def validate(config) -> None:
+    """Raises ValueError with one line on a bad dmz section (or a U-Net without the
+    cross-attention token DMZ feeds z through)."""
+    m, d = config.model, config.dmz
+    _require(m.denoiser != "unet" or m.unet_conditioning == "xattn",
+             "method 'dmz' feeds z to the U-Net as one cross-attention token: "
+             "needs model.unet_conditioning='xattn'")
+    _require(d.temperature > 0, f"dmz.temperature must be > 0, got {d.temperature}")
+    _require(d.input_perturbation >= 0,
+             f"dmz.input_perturbation must be >= 0, got {d.input_perturbation}")
+    _require(d.sample_steps >= 1, f"dmz.sample_steps must be >= 1, got {d.sample_steps}")
+
   def __init__(self, config, data_shape: tuple[int, ...]):
     super().__init__(config, data_shape)
     m = config.model
@@ -353,54 +362,3 @@ class DMZ(Autoencoder):
   def decode(self, dec_params, z: Array, key: Array, num_steps: int | None = None) -> Array:
     """x̂ (B, ...) by respaced image DDIM, dmz.sample_steps steps unless given."""
     return super().decode(dec_params, z, key, num_steps or self.config.dmz.sample_steps)
-
-
-class DiffusionEncoderJoint(OneLossMethod, em.DiffusionEncoder):
-  """Ablation of EM: the diffusion encoder and its decoder trained by one loss, the decoder's
-  pressure reaching φ by backpropagation through the latent DDIM chain z⁰ = DDIM_φ(x, noise).
-
-  Loss, batch mean of
-      NLL_θ(x | z⁰) + β ½‖z⁰‖²  +  L_enc(φ; x, stop_gradient(z⁰)),
-  with z⁰ differentiable in φ through every sampler step, θ and φ updated in one step.
-  The first two terms are β·U(z⁰), the energy U = NLL/β − log p(z) + const that the E-step's
-  Langevin chain descends (docs/method.md §1.5), here descended by φ through the sampler instead of
-  by z; the last is the encoder's own denoising loss (em.encoder_noise_draws draws), which EM
-  applies on z^K and which here, with no refinement, applies on the encoder's own sample. This
-  is "one loss, gradient through the DDIM chain" (docs/method.md §2) with everything else equal to
-  EM: same U, β, networks and encoder loss, and the opposing pulls — the decoder's pressure
-  through the chain and the denoising update — meet in one gradient instead of alternating.
-  The decoder sees the same U: the exact NLL for the gaussian decoder, the ELBO bound (not the
-  M-step's unit ε-MSE) for the diffusion decoder.
-
-  Not β·R_φ with the diffusion-KL estimate R: R estimates KL(q_φ ‖ N(0, I)) only while ε_φ is
-  the score of its own samples, and minimising it over ε_φ (whether the sample is detached or
-  not) fits ε_φ towards the prior's score σ_t z_t rather than moving the samples; it stays the
-  evaluation-time `rate`, as for diffenc. What the loss lacks is the entropy of π_β, which
-  EM's Langevin noise supplies; that difference is part of what the ablation measures.
-
-  `latents()` returns z^K = z⁰ (no Langevin); `rate` and `encode` are diffenc's.
-  """
-
-  progress_keys = ("nll", "enc_loss")
-
-  def __init__(self, config, data_shape: tuple[int, ...]):
-    super().__init__(config, data_shape)
-    self.optimizers = encoder_decoder_optimizers(config)
-
-  def chain_energy(self, params, x: Array, key: Array) -> tuple[Array, Array]:
-    """(β·U(z⁰) = NLL_θ(x|z⁰) + β ½‖z⁰‖² per example (B,), z⁰ (B, d)), with z⁰ the encoder's
-    DDIM sample, differentiable in params['encoder'] through the chain."""
-    k_enc, k_nll = jax.random.split(key)
-    z0 = self.encode(params["encoder"], x, k_enc)
-    energy = (self.nll(params["decoder"], x, z0, k_nll)
-              + self.config.em.beta * 0.5 * jnp.sum(jnp.square(z0), -1))
-    return energy, z0
-
-  def loss(self, params, x: Array, key: Array):
-    k_chain, k_enc = jax.random.split(key)
-    energy, z0 = self.chain_energy(params, x, k_chain)
-    enc_loss = self.encoder_loss(params["encoder"], x, jax.lax.stop_gradient(z0), k_enc)
-    z0_norm2 = jnp.mean(jnp.sum(jnp.square(z0), -1))
-    nll = energy.mean() - self.config.em.beta * 0.5 * z0_norm2
-    return energy.mean() + enc_loss, {"loss": energy.mean() + enc_loss, "nll": nll,
-                                      "enc_loss": enc_loss, "z0_norm2": z0_norm2}

@@ -205,3 +205,35 @@ def build(config, data_shape: tuple[int, ...]):
                        f"{DENOISERS}")
     return DiffusionDecoder(config, data_shape)
   raise ValueError(f"unknown model.decoder {name!r}; choose one of {DECODERS}")
+
+
+def validate(config) -> None:
+  """Raises ValueError with one line on a bad decoder section of config.model (its decoder,
+  σ_x, denoiser, parameterisation, weighting, transformer and U-Net conditioning)."""
+  m = config.model
+
+  def require(ok, message):
+    if not ok:
+      raise ValueError(message)
+
+  require(m.decoder in DECODERS, f"unknown decoder {m.decoder!r}; choose one of {DECODERS}")
+  require(m.sigma_x > 0, f"model.sigma_x must be > 0, got {m.sigma_x}")
+  require(m.denoiser in DENOISERS,
+          f"unknown model.denoiser {m.denoiser!r}; choose one of {DENOISERS}")
+  require(m.dec_parameterization in losses.PARAMETERIZATIONS,
+          f"unknown model.dec_parameterization {m.dec_parameterization!r}; "
+          f"choose one of {losses.PARAMETERIZATIONS}")
+  require(m.dec_weighting in losses.WEIGHTINGS,
+          f"unknown model.dec_weighting {m.dec_weighting!r}; choose one of {losses.WEIGHTINGS}")
+  require(m.dec_weighting_gamma > 0,
+          f"model.dec_weighting_gamma must be > 0, got {m.dec_weighting_gamma}")
+  if m.decoder == "diffusion" and m.denoiser == "dit":
+    require(all(v > 0 for v in (m.dit_patch_size, m.dit_width, m.dit_depth, m.dit_heads)),
+            "model.dit_patch_size, dit_width, dit_depth and dit_heads must be > 0")
+    require(m.dit_width % m.dit_heads == 0,
+            f"model.dit_width={m.dit_width} is not divisible by model.dit_heads={m.dit_heads}")
+    require(m.get("dit_dtype", "float32") in models.dit.DTYPES,
+            f"model.dit_dtype={m.get('dit_dtype')!r} is not one of {models.dit.DTYPES}")
+  require(m.unet_conditioning in models.CONDITIONINGS,
+          f"unknown model.unet_conditioning {m.unet_conditioning!r}; "
+          f"choose one of {models.CONDITIONINGS}")

@@ -15,202 +15,17 @@ denoising updates of φ on (x, z^K). M-step: θ ← NLL_θ(x|z^K) + λ_align NLL
 
 from __future__ import annotations
 
-from typing import Any
-
-import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
 
-from diffenc_jax import decoders, losses, models, path_rate, samplers, schedules
+from diffenc_jax import decoders, encoders, latent_prior, losses, samplers, schedules, train_state
+from diffenc_jax.chain import posterior_sample, running_curvature
 
 Array = jax.Array
 PARAMETERIZATIONS = losses.PARAMETERIZATIONS
 DECODERS = decoders.DECODERS
-
-
-class TrainState(flax.struct.PyTreeNode):
-  """Everything that changes during training. `params`, `opt_state` and `ema` are dicts with
-  the keys 'encoder' and 'decoder'; `step` counts training rounds. With persistent E-step
-  chains (em.chain_slots) `opt_state["chains"]` is the E-step's own state: {"z": (S, d) each
-  training example's last z^K, "visits": (S,) how often its chain ran, "curvature": (S, d) a
-  running mean of its chain's (∇log π)², the `diagonal` step rule's preconditioner}."""
-
-  step: Array
-  params: Any
-  opt_state: Any
-  ema: Any
-
-  def eval_params(self, use_ema: bool):
-    """The parameters to evaluate with: the EMA ones or the raw ones."""
-    return self.ema if use_ema else self.params
-
-
-def make_optimizer(lr: float, warmup_steps: int, grad_clip: float,
-                   weight_decay: float = 0.0, decay_steps: int = 0,
-                   final_lr: float = 0.0,
-                   scale_after: tuple[int, float] | None = None) -> optax.GradientTransformation:
-  """Adam (AdamW when weight_decay > 0: decoupled decay of the weight matrices and kernels,
-  not of biases or norm scales) with linear warm-up (from lr/warmup_steps, so the first update
-  moves) and global-norm clipping. decay_steps > 0: after the warm-up the rate follows a
-  cosine from lr down to `final_lr` · lr at update `decay_steps` (warm-up included), and stays
-  there; else it stays at lr. scale_after = (n, s): from update n on, the rate is s times that."""
-  warmup_steps = max(warmup_steps, 1)
-  if decay_steps > warmup_steps:
-    schedule = optax.warmup_cosine_decay_schedule(lr / warmup_steps, lr, warmup_steps,
-                                                  decay_steps, end_value=final_lr * lr)
-  else:
-    schedule = optax.linear_schedule(lr / warmup_steps, lr, warmup_steps)
-  if scale_after is not None and scale_after[1] != 1.0:
-    base, (boundary, scale) = schedule, scale_after
-    schedule = lambda count: base(count) * jnp.where(count < boundary, 1.0, scale)
-  if weight_decay:
-    kernels = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
-    adam = optax.adamw(schedule, weight_decay=weight_decay, mask=kernels)
-  else:
-    adam = optax.adam(schedule)
-  return optax.chain(optax.clip_by_global_norm(grad_clip), adam)
-
-
-def optimizer_for(config, lr: float, updates_per_round: int,
-                  weight_decay: bool = True,
-                  scale_after: tuple[int, float] | None = None) -> optax.GradientTransformation:
-  """`make_optimizer` from config.train for a network updated `updates_per_round` times per
-  training round: train.lr_schedule 'cosine' decays it over all train.num_steps rounds;
-  scale_after = (rounds, s) multiplies the rate by s from that round on."""
-  t = config.train
-  decay = t.num_steps * updates_per_round if t.lr_schedule == "cosine" else 0
-  if scale_after is not None:
-    scale_after = (scale_after[0] * updates_per_round, scale_after[1])
-  return make_optimizer(lr, t.warmup_steps, t.grad_clip, t.weight_decay if weight_decay else 0.0,
-                        decay_steps=decay, final_lr=t.final_lr, scale_after=scale_after)
-
-
-def ema_update(ema, params, decay: float):
-  return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
-
-
-class LatentDDPMPrior:
-  """A latent DDPM p(z) fitted to stop_gradient(z) of an encoder's codes, for sampling them:
-  `models.LatentPrior` (config.diffae.prior_hidden, prior_blocks) trained by the unit-weighted
-  ε-MSE on the latent schedule, sampled by latent DDIM (diffae.prior_steps, diffae.prior_eta)
-  with the predicted z_0 clipped to ±diffae.prior_clip. DiffAE's prior, and diffenc's when
-  em.latent_prior is set.
-
-  With diffae.prior_normalize the DDPM is fitted to z standardised per dimension by running
-  dataset statistics (`init_stats` / `update_stats`: an exponential moving average, decay
-  STATS_DECAY, of the batches' means and second moments) and its samples are
-  de-standardised: DiffAE's z-normalisation, which makes the prior's task independent of the
-  codes' scale (its authors call it crucial for sampling and manipulation).
-
-  The clip matters: at the latent schedule's log-SNR of −15 the first DDIM steps multiply the
-  ε-network's error by up to σ/α ≈ 1,800 (docs/benchmarks.md has what that did unclipped); so
-  does the ancestral sampler (diffae.prior_eta = 1; tests/test_train.py)."""
-
-  STATS_DECAY = 0.99
-
-  def __init__(self, config, schedule: schedules.Schedule):
-    d = config.diffae
-    self.config = config
-    self.schedule = schedule
-    self.latent_dim = config.model.latent_dim
-    self.normalize = d.prior_normalize
-    self.module = models.LatentPrior(self.latent_dim, hidden=d.prior_hidden,
-                                     num_blocks=d.prior_blocks)
-    # Adam at diffae.prior_lr, one update per batch of a round, no weight decay
-    self.optimizer = optimizer_for(config, d.prior_lr, config.em.e_updates, weight_decay=False)
-
-  def init(self, key: Array):
-    return self.module.init(key, jnp.zeros((1, self.latent_dim)), jnp.zeros((1,)))
-
-  def init_stats(self) -> dict[str, Array]:
-    """Running per-dimension mean and second moment of the codes, starting at N(0, I)'s."""
-    return {"mean": jnp.zeros((self.latent_dim,)), "sq": jnp.ones((self.latent_dim,))}
-
-  def update_stats(self, stats: dict[str, Array], z: Array) -> dict[str, Array]:
-    """One moving-average step of `stats` towards the batch z (B, d) (no gradient)."""
-    z = jax.lax.stop_gradient(z)
-    new = {"mean": jnp.mean(z, 0), "sq": jnp.mean(jnp.square(z), 0)}
-    return jax.tree.map(lambda s, b: self.STATS_DECAY * s + (1 - self.STATS_DECAY) * b,
-                        stats, new)
-
-  @staticmethod
-  def mean_std(stats: dict[str, Array]) -> tuple[Array, Array]:
-    """(mean (d,), std (d,)) of the running statistics (std floored at 1e-3)."""
-    std = jnp.sqrt(jnp.maximum(stats["sq"] - jnp.square(stats["mean"]), 1e-6))
-    return stats["mean"], std
-
-  def eps_fn(self, params):
-    return lambda z_t, t: self.module.apply(params, z_t, t)
-
-  def loss(self, params, z: Array, key: Array, stats: dict | None = None) -> Array:
-    """ε-MSE per example (B,) on stop_gradient(z) (B, d), standardised by `stats` if given."""
-    z = jax.lax.stop_gradient(z)
-    if stats is not None:
-      mean, std = self.mean_std(stats)
-      z = (z - mean) / std
-    return losses.denoising_loss(self.eps_fn(params), z, key, self.schedule)
-
-  def sample(self, params, key: Array, n: int, stats: dict | None = None) -> Array:
-    """n latents (n, d) by latent DDIM, de-standardised by `stats` if given."""
-    d = self.config.diffae
-    z = samplers.latent_ddim(self.eps_fn(params), key, (n, self.latent_dim), self.schedule,
-                             d.prior_steps, eta=d.prior_eta, clip=d.prior_clip)
-    if stats is not None:
-      mean, std = self.mean_std(stats)
-      z = mean + std * z
-    return z
-
-
-def posterior_sample(config, decoder, dec_params, x: Array, z0: Array, key: Array,
-                     num_steps: int | None = None, beta: float | Array | None = None,
-                     langevin=None, z_start: Array | None = None,
-                     curvature: Array | None = None) -> tuple[Array, samplers.LangevinInfo]:
-  """The E-step's chain on any decoder of `diffenc_jax.decoders` (diffenc's z^K, and the VAE's
-  refined mean): em.langevin.num_steps (or `num_steps`) Langevin steps from z⁰ on
-  π_β(z|x) ∝ p(z) p_θ(x|z)^(1/β) exp(−½ λ_prox ‖z − z⁰‖²), with config.em.langevin's step
-  rule, MALA and preconditioner (or those of `langevin`, e.g. em.warm_langevin); β =
-  config.em.beta unless given. The chain starts at z_start (a persistent chain's last state)
-  when given, else at z⁰; the proximal term always pulls to z⁰. curvature (B, d): the
-  `diagonal` step rule's preconditioner (≤ 0 where unknown). No gradient reaches θ."""
-  em = config.em
-  lv = em.langevin if langevin is None else langevin
-  beta = em.beta if beta is None else beta
-  dec_params = jax.lax.stop_gradient(dec_params)
-  k_nll, k_chain, k_pre = jax.random.split(key, 3)
-  z_start = z0 if z_start is None else jax.lax.stop_gradient(z_start)
-  # the decoder's energy: exact for the gaussian decoder; for the diffusion decoder an ELBO
-  # estimate whose (t, ε) draws are fixed for the whole chain (U deterministic along it), or,
-  # with langevin.fresh_draws, drawn anew at every step (stochastic-gradient Langevin)
-  fresh = lv.get("fresh_draws", False) and decoder.kind == "diffusion"
-  nll = None if fresh else decoder.energy_fn(dec_params, x, k_nll, z_start)
-
-  def log_density(z, k=None):
-    energy = decoder.energy_fn(dec_params, x, k, z_start)(z) if fresh else nll(z)
-    log_p = -energy / beta - 0.5 * jnp.sum(z**2, -1)
-    if em.prox_weight:
-      log_p -= 0.5 * em.prox_weight * jnp.sum((z - z0) ** 2, -1)
-    return log_p
-
-  precision_fn = None
-  if lv.step_rule == "gauss_newton":
-    precision_fn = decoder.precision_fn(dec_params, x, k_pre, beta,
-                                        prior_precision=1.0 + em.prox_weight)
-  # XLA:CPU runs convolutions inside a loop body several times slower than at top level
-  # (benchmarks/langevin.py): on a CPU, a conv decoder's chain is unrolled
-  unroll = True if decoder.convolutional and jax.default_backend() == "cpu" else 1
-  return samplers.langevin_posterior(
-      log_density, z_start, k_chain, num_steps=num_steps or lv.num_steps, step_size=lv.step_size,
-      step_rule=lv.step_rule, max_move=lv.max_move, snr=lv.snr, mala=lv.mala,
-      precision_fn=precision_fn, refresh_precision=lv.refresh_precision, unroll=unroll,
-      fresh_draws=fresh, curvature=curvature)
-
-
-def running_curvature(old: Array, new: Array, decay: float) -> Array:
-  """A persistent chain's `diagonal` curvature after a visit: the running mean
-  decay · old + (1 − decay) · new of its (∇log π)² (new: the visit's `info.grad_sq`), started at
-  new where old ≤ 0 (the chain's first visit)."""
-  return jnp.where(old > 0, decay * old + (1 - decay) * new, new)
+TrainState = train_state.TrainState
 
 
 class DiffusionEncoder:
@@ -220,14 +35,41 @@ class DiffusionEncoder:
   progress_keys = ("gap", "dec_loss_zK")
   rate_kind = "diffusion KL"
 
+  @staticmethod
+  def validate(config) -> None:
+    """Raises ValueError with one line on a bad config of EM's own: the E-step chain's MALA
+    with its step rule, the warm-ups and their chain."""
+    em_, lv = config.em, config.em.langevin
+
+    def require(ok, message):
+      if not ok:
+        raise ValueError(message)
+
+    require(not (lv.mala and (lv.step_rule in ("snr", "diagonal") or lv.max_move > 0)),
+            "em.langevin.mala needs step_rule 'fixed' without max_move, or 'gauss_newton'")
+    require(not (lv.fresh_draws and lv.mala and config.model.decoder == "diffusion"),
+            "em.langevin.fresh_draws draws a new energy at every step: MALA needs a fixed one "
+            "(set em.langevin.mala=False)")
+    for name in ("joint_warmup_rounds", "gaussian_warmup_rounds", "joint_code_steps"):
+      require(em_[name] >= 0, f"em.{name} must be >= 0, got {em_[name]}")
+    require(not (em_.joint_warmup_rounds and em_.gaussian_warmup_rounds),
+            "em.joint_warmup_rounds and em.gaussian_warmup_rounds are two warm-ups: set one")
+    require(not em_.gaussian_warmup_rounds or config.model.decoder == "diffusion",
+            "em.gaussian_warmup_rounds warms up a diffusion decoder: needs "
+            "model.decoder='diffusion'")
+    require(em_.em_enc_lr_scale > 0, f"em.em_enc_lr_scale must be > 0, got {em_.em_enc_lr_scale}")
+    wl = em_.warm_langevin
+    require(wl.step_rule in samplers.STEP_RULES,
+            f"unknown em.warm_langevin.step_rule {wl.step_rule!r}; "
+            f"choose one of {samplers.STEP_RULES}")
+    require(wl.num_steps >= 1, f"em.warm_langevin.num_steps must be >= 1, got {wl.num_steps}")
+
   def __init__(self, config, data_shape: tuple[int, ...]):
     self.config = config
     self.data_shape = tuple(data_shape)
-    m = config.model
-    self.latent_dim = m.latent_dim
-    self.encoder = models.LatentDenoiser(
-        latent_dim=m.latent_dim, channels=tuple(m.enc_channels), feature_dim=m.enc_features,
-        hidden=m.enc_hidden, num_blocks=m.enc_blocks)
+    self.latent_dim = config.model.latent_dim
+    # q_φ(z|x): a latent diffusion conditioned on x (`diffenc_jax.encoders`)
+    self.q = encoders.LatentDiffusionEncoder(config, self.data_shape)
     # p_θ(x|z): gaussian or diffusion (`diffenc_jax.decoders`)
     self.decoder = decoders.build(config, self.data_shape)
     em_ = config.em
@@ -236,16 +78,23 @@ class DiffusionEncoder:
     self.warm_decoder = None
     if em_.gaussian_warmup_rounds and self.decoder.kind == "diffusion":
       self.warm_decoder = decoders.GaussianDecoder(config, self.data_shape)
-    self.schedule = schedules.get_schedule(**config.schedule)
+    self.schedule = self.q.schedule
     # em.em_enc_lr_scale: the encoder's rate once EM against the diffusion decoder starts
     warm_rounds = em_.gaussian_warmup_rounds if self.warm_decoder is not None else 0
-    self.enc_opt = optimizer_for(config, config.train.enc_lr,
-                                 em_.e_updates * em_.encoder_inner_steps,
-                                 scale_after=(warm_rounds, em_.em_enc_lr_scale)
-                                 if warm_rounds else None)
-    self.dec_opt = optimizer_for(config, config.train.dec_lr, em_.m_updates)
+    self.enc_opt = train_state.optimizer_for(config, config.train.enc_lr,
+                                             em_.e_updates * em_.encoder_inner_steps,
+                                             scale_after=(warm_rounds, em_.em_enc_lr_scale)
+                                             if warm_rounds else None)
+    self.dec_opt = train_state.optimizer_for(config, config.train.dec_lr, em_.m_updates)
     # optional latent DDPM prior over z⁰, one update per E-step, for sample_latents
-    self.prior = LatentDDPMPrior(config, self.schedule) if em_.latent_prior else None
+    self.prior = (latent_prior.LatentDDPMPrior(config, self.schedule) if em_.latent_prior
+                  else None)
+    # every parameter group's optimiser (the warm-up decoder's is the decoder's)
+    self.optimizers = {"encoder": self.enc_opt, "decoder": self.dec_opt}
+    if self.warm_decoder is not None:
+      self.optimizers["warm_decoder"] = self.dec_opt
+    if self.prior is not None:
+      self.optimizers["prior"] = self.prior.optimizer
     # em.chain_slots > 0: persistent chains, one per training example (opt_state["chains"])
     self.chain_slots = em_.get("chain_slots", 0)
     self.uses_example_index = bool(self.chain_slots)
@@ -257,97 +106,56 @@ class DiffusionEncoder:
     z = jnp.zeros((1, self.latent_dim))
     t = jnp.zeros((1,))
     params = {"encoder": self.encoder.init(k_enc, z, t, x), "decoder": self.decoder.init(k_dec)}
-    opt_state = {"encoder": self.enc_opt.init(params["encoder"]),
-                 "decoder": self.dec_opt.init(params["decoder"])}
     if self.warm_decoder is not None:
       params["warm_decoder"] = self.warm_decoder.init(jax.random.fold_in(key, 3))
-      opt_state["warm_decoder"] = self.dec_opt.init(params["warm_decoder"])
     if self.prior is not None:
       params["prior"] = self.prior.init(jax.random.fold_in(key, 2))
-      opt_state["prior"] = self.prior.optimizer.init(params["prior"])
       if self.prior.normalize:
         params["zstats"] = self.prior.init_stats()
+    chains = None
     if self.chain_slots:
-      opt_state["chains"] = {"z": jnp.zeros((self.chain_slots, self.latent_dim)),
-                             "visits": jnp.zeros((self.chain_slots,), jnp.int32),
-                             "curvature": jnp.zeros((self.chain_slots, self.latent_dim))}
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
-                      ema=jax.tree.map(jnp.copy, params))
+      chains = {"chains": {"z": jnp.zeros((self.chain_slots, self.latent_dim)),
+                           "visits": jnp.zeros((self.chain_slots,), jnp.int32),
+                           "curvature": jnp.zeros((self.chain_slots, self.latent_dim))}}
+    return train_state.init(params, self.optimizers, chains)
 
-  # --- encoder q_φ(z|x) ----------------------------------------------------------------
+  # --- encoder q_φ(z|x): the piece `self.q` (`encoders.LatentDiffusionEncoder`) ------------
+  @property
+  def encoder(self):
+    """The encoder's network (`models.LatentDenoiser`): `self.q.network`."""
+    return self.q.network
+
+  @encoder.setter
+  def encoder(self, network):
+    self.q.network = network
+
   def encoder_eps_fn(self, enc_params, h: Array):
     """ε̂(z_t, t) of the encoder for precomputed image features h (B, F)."""
-    param = self.config.model.enc_parameterization
-
-    def eps_fn(z_t, t):
-      out = self.encoder.apply(enc_params, z_t, t, h, method="denoise")
-      return losses.eps_from_prediction(out, z_t, t, self.schedule, param)
-
-    return eps_fn
+    return self.q.eps_fn(enc_params, h)
 
   def encode(self, enc_params, x: Array, key: Array, num_steps: int | None = None,
              deterministic: bool = False) -> Array:
-    """z⁰ ~ q_φ(·|x): the features h(x) once, then latent DDIM. x (B, ...) → (B, d).
-    deterministic=True: DDIM with η = 0 from z_1 = 0, a deterministic code of x (the joint
-    warm-up's)."""
-    s = self.config.encoder_sampler
-    h = self.encoder.apply(enc_params, x, method="features")
-    shape = (x.shape[0], self.latent_dim)
-    return samplers.latent_ddim(self.encoder_eps_fn(enc_params, h), key, shape, self.schedule,
-                                num_steps or s.num_steps, eta=0.0 if deterministic else s.eta,
-                                clip=s.clip, x_init=jnp.zeros(shape) if deterministic else None)
+    """z⁰ ~ q_φ(·|x) (B, d) by latent DDIM (deterministic=True: η = 0 from z_1 = 0, the joint
+    warm-up's code)."""
+    return self.q.encode(enc_params, x, key, num_steps, deterministic)
 
   def encoder_loss(self, enc_params, x: Array, z: Array, key: Array) -> Array:
-    """Mean denoising loss of the encoder on the pairs (x, z), averaged over
-    `em.encoder_noise_draws` draws of (t, ε) per pair: the features h(x) are computed once
-    and shared, so extra draws cost only the small latent MLP."""
-    n = self.config.em.encoder_noise_draws
-    h = jnp.repeat(self.encoder.apply(enc_params, x, method="features"), n, axis=0)
-    return losses.denoising_loss(self.encoder_eps_fn(enc_params, h), jnp.repeat(z, n, axis=0),
-                                 key, self.schedule,
-                                 weighting=self.config.model.enc_weighting).mean()
+    """The encoder's mean denoising loss on the pairs (x, z) (`q.loss`)."""
+    return self.q.loss(enc_params, x, z, key)
 
   def rate(self, params, x: Array, z0: Array, key: Array, num_samples: int,
            log_snr_max: float | Array | None = None) -> Array:
-    """Rate per example (B,), nats, of the variable `rate_latent(params, x, z0, key)` (the same
-    key gives the same variable). eval.rate_estimator chooses:
-      path_kl       the path KL of the encoder's ancestral sampler (eval.rate_steps steps,
-                    eval.rate_spacing) against the prior's, plus its terminal term
-                    (`path_rate.ancestral_path_rate`): an upper bound on the KL of that
-                    sampler's last noisy state; z0 and num_samples are not used;
-      diffusion_kl  the forward-noised estimate from z0 (`losses.rate_estimate`, num_samples
-                    draws), the KL of z0 blurred at λ_max only where ε̂ is the exact predictor.
-    log_snr_max (diffusion_kl only, and chosen by giving it): integrate from that log-SNR."""
-    if log_snr_max is None and path_rate.estimator(self.config) == "path_kl":
-      return self._encoder_path(params, x, key)["rate"]
-    enc_params = params["encoder"]
-    eps_fn = self.encoder_eps_fn(enc_params, self.encoder.apply(enc_params, x, method="features"))
-    return losses.rate_estimate(eps_fn, z0, key, self.schedule, num_samples, log_snr_max)
-
-  def _encoder_path(self, params, x: Array, key: Array) -> dict[str, Array]:
-    """`path_rate.encoder_path` of the encoder's ancestral sampler on x: its rate and code."""
-    enc_params = params["encoder"]
-    h = self.encoder.apply(enc_params, x, method="features")
-    return path_rate.encoder_path(self, self.encoder_eps_fn(enc_params, h), x, key)
+    """Rate per example (B,), nats, of `rate_latent(params, x, z0, key)` (`q.rate`)."""
+    return self.q.rate(params["encoder"], x, z0, key, num_samples, log_snr_max)
 
   def rate_and_latent(self, params, x: Array, z0: Array, key: Array,
                       num_samples: int) -> tuple[Array, Array]:
     """(`rate`, `rate_latent`) under one key, the encoder's path run once."""
-    if path_rate.estimator(self.config) == "path_kl":
-      out = self._encoder_path(params, x, key)
-      return out["rate"], out["code"]
-    return (self.rate(params, x, z0, key, num_samples),
-            self.rate_latent(params, x, z0, key))
+    return self.q.rate_and_latent(params["encoder"], x, z0, key, num_samples)
 
   def rate_latent(self, params, x: Array, z0: Array, key: Array) -> Array:
-    """The variable whose KL `rate` reports (B, d): with eval.rate_estimator = path_kl the last
-    noisy state of the encoder's ancestral sampler on the rate's grid (z0 unused); with
-    diffusion_kl z̃ = α_0 z0 + σ_0 ε, z0 blurred at the latent schedule's t = 0 (log-SNR λ_max,
-    σ_0² = sigmoid(−λ_max))."""
-    if path_rate.estimator(self.config) == "path_kl":
-      return self._encoder_path(params, x, key)["code"]
-    alpha0, sigma0 = self.schedule.alpha_sigma(jnp.zeros(()))
-    return alpha0 * z0 + sigma0 * jax.random.normal(key, z0.shape, z0.dtype)
+    """The variable whose KL `rate` reports (B, d) (`q.rate_latent`)."""
+    return self.q.rate_latent(params["encoder"], x, z0, key)
 
   def sample_latents(self, params, key: Array, n: int) -> Array:
     """n latents from the prior: N(0, I), or the fitted latent DDPM with em.latent_prior."""
@@ -440,7 +248,7 @@ class DiffusionEncoder:
     state = state.replace(
         params={**state.params, "encoder": enc},
         opt_state={**state.opt_state, "encoder": enc_opt},
-        ema={**state.ema, "encoder": ema_update(state.ema["encoder"], enc, decay)})
+        ema={**state.ema, "encoder": train_state.ema_update(state.ema["encoder"], enc, decay)})
     prior_metrics = {}
     if self.prior is not None:
       state, prior_metrics["prior_loss"] = self.prior_step(state, lat["z0"],
@@ -455,26 +263,13 @@ class DiffusionEncoder:
 
   def prior_step(self, state: TrainState, z0: Array, key: Array):
     """One update of the latent prior on the encoder's own samples z⁰: (state, loss)."""
-    stats = state.params.get("zstats")
-    loss, grads = jax.value_and_grad(lambda p: self.prior.loss(p, z0, key, stats).mean())(
-        state.params["prior"])
-    state = self.apply_update(state, "prior", self.prior.optimizer, grads)
-    if stats is not None:
-      stats = self.prior.update_stats(stats, z0)
-      state = state.replace(params={**state.params, "zstats": stats},
-                            ema={**state.ema, "zstats": stats})
-    return state, loss
+    return self.prior.step(state, z0, key, self.config.train.ema_decay)
 
-  def apply_update(self, state: TrainState, name: str, opt: optax.GradientTransformation,
-                   grads) -> TrainState:
+  def apply_update(self, state: TrainState, name: str,
+                   opt: optax.GradientTransformation, grads) -> TrainState:
     """One step of optimiser `opt` on the network `name`, then that network's EMA."""
-    updates, opt_state = opt.update(grads, state.opt_state[name], state.params[name])
-    params = optax.apply_updates(state.params[name], updates)
-    return state.replace(
-        params={**state.params, name: params},
-        opt_state={**state.opt_state, name: opt_state},
-        ema={**state.ema, name: ema_update(state.ema[name], params,
-                                           self.config.train.ema_decay)})
+    return train_state.apply_update(state, {name: opt}, {name: grads},
+                                    self.config.train.ema_decay)
 
   # --- M-step --------------------------------------------------------------------------
   def m_step(self, state: TrainState, x: Array, latents: dict[str, Array], key: Array,

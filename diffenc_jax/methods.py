@@ -1,9 +1,11 @@
 """The methods the training program can run, behind one interface.
 
-A method is an object built from `(config, data_shape)` that holds only static things
+Each method is an encoder q(z|x) × a decoder p(x|z) × a training rule: `TABLE` below, with
+`ENCODERS` and `RULES` saying what each kind is; the decoder is `decoders.build` from
+config.model.decoder. A method is an object built from `(config, data_shape)` that holds only static things
 (networks, schedules, optimisers) and offers pure, jittable functions:
 
-    state = method.init_state(key)                              # em.TrainState
+    state = method.init_state(key)                              # train_state.TrainState
     state, metrics = method.train_round(state, xs, key)         # xs (E, B, ...) → scalar metrics
     lat = method.latents(params, x, key, num_steps=None)        # {"z0", "zK", "info"}
     x_hat = method.decode(params["decoder"], z, key)            # (B, ...)
@@ -22,21 +24,67 @@ of the same variable (docs/rate.md).
 from __future__ import annotations
 
 import importlib
+from typing import NamedTuple
 
-# name → "module:Class"; imported lazily so that one method's dependencies never load another's
-_REGISTRY = {
-    "diffenc": "diffenc_jax.em:DiffusionEncoder",
-    "diffenc_joint": "diffenc_jax.baselines:DiffusionEncoderJoint",
-    "vae": "diffenc_jax.baselines:VAE",
-    "diffae": "diffenc_jax.baselines:DiffAE",
-    "dmz": "diffenc_jax.baselines:DMZ",
+from diffenc_jax import decoders, encoders
+
+
+class Entry(NamedTuple):
+  """A method as encoder × decoder × training rule, and the class that implements it."""
+  encoder: str   # a key of ENCODERS
+  decoder: str   # the config.model.decoder it runs with: 'diffusion', or 'any' of decoders
+  rule: str      # a key of RULES
+  cls: str       # "module:Class" in diffenc_jax, imported lazily (one method's dependencies
+                 # never load another's)
+
+
+ENCODERS = {
+    "diffusion": "q_φ(z|x) a latent diffusion conditioned on x (encoders.LatentDiffusionEncoder)",
+    "gaussian": "N(μ(x), diag σ²(x)), reparameterised (models.GaussianEncoder)",
+    "deterministic": "z = E(x) (models.DeterministicEncoder or ResNetEncoder)",
+    "bernoulli": "d bits, relaxed in training, hard at evaluation (models.BernoulliEncoder)",
 }
-METHODS = tuple(_REGISTRY)
+RULES = {
+    "em": "EM rounds: E-steps (Langevin on π_β from the encoder's z⁰, the encoder's denoising "
+          "update on z^K), then M-steps of the decoder on z^K (em.DiffusionEncoder.train_round)",
+    "one_loss": "one loss over every parameter, one joint update per batch "
+                "(baselines.OneLossMethod.train_round)",
+}
+TABLE = {
+    # name           encoder                decoder      rule        class
+    "diffenc":       Entry("diffusion",     "any",       "em",       "em:DiffusionEncoder"),
+    "diffenc_joint": Entry("diffusion",     "any",       "one_loss", "joint:DiffusionEncoderJoint"),
+    "vae":           Entry("gaussian",      "any",       "one_loss", "baselines:VAE"),
+    "diffae":        Entry("deterministic", "diffusion", "one_loss", "baselines:DiffAE"),
+    "dmz":           Entry("bernoulli",     "diffusion", "one_loss", "baselines:DMZ"),
+}
+METHODS = tuple(TABLE)
+
+
+def method_class(name: str):
+  """The class of method `name`."""
+  if name not in TABLE:
+    raise ValueError(f"unknown method {name!r}; choose one of {METHODS}")
+  module, cls = TABLE[name].cls.split(":")
+  return getattr(importlib.import_module(f"diffenc_jax.{module}"), cls)
 
 
 def get_method(config, data_shape: tuple[int, ...]):
   """The method named by config.method, built for images of shape data_shape."""
-  if config.method not in _REGISTRY:
-    raise ValueError(f"unknown method {config.method!r}; choose one of {METHODS}")
-  module, cls = _REGISTRY[config.method].split(":")
-  return getattr(importlib.import_module(module), cls)(config, tuple(data_shape))
+  return method_class(config.method)(config, tuple(data_shape))
+
+
+def validate(config) -> None:
+  """The checks of config.method's pieces in turn, each of its own section: its decoder
+  (`decoders.validate`, and that the method runs with it), its encoder (`encoders.validate` for
+  the latent diffusion encoder), then the method's own (`cls.validate`, where it has one).
+  Raises ValueError with one line."""
+  entry = TABLE[config.method]
+  if entry.decoder not in ("any", config.model.decoder):
+    raise ValueError(f"method {config.method!r} needs model.decoder={entry.decoder!r}")
+  decoders.validate(config)
+  if entry.encoder == "diffusion":
+    encoders.validate(config)
+  own = getattr(method_class(config.method), "validate", None)
+  if own is not None:
+    own(config)

@@ -148,12 +148,12 @@ def persistent_visits(config, method, params, images: np.ndarray, key: Array,
   """The E-step's persistent chains (em.chain_slots) on a frozen model: each image's chain
   starts at its z⁰ and is continued `max(visits)` times as training continues it at every visit
   (`method.latents` with resume, the `diagonal` curvature a running mean over visits,
-  `em.running_curvature`), but with the decoder held fixed. Returns {v: the chains' states
+  `chain.running_curvature`), but with the decoder held fixed. Returns {v: the chains' states
   (N, d) after v visits} for each v in visits, to score with `chain_check(z_chain=…)`: how many
   visits the chain needs to reach the posterior, apart from the decoder moving under it. The
   `diagonal` rule pools its curvature over a batch, so the states depend on batch_size
   (default eval.batch_size), as training's do on train.batch_size."""
-  from diffenc_jax import em
+  from diffenc_jax import chain
   from diffenc_jax.evaluate import in_batches
   visits = sorted({int(v) for v in visits})
   if not visits or visits[0] < 1:
@@ -163,7 +163,7 @@ def persistent_visits(config, method, params, images: np.ndarray, key: Array,
   @jax.jit
   def visit(x, z, curv, seen, k):
     lat = method.latents(params, x, k, resume=(z, seen, curv))
-    return lat["zK"], em.running_curvature(curv, lat["info"].grad_sq, decay)
+    return lat["zK"], chain.running_curvature(curv, lat["info"].grad_sq, decay)
 
   def batch(x, k):
     z = jnp.zeros((x.shape[0], method.latent_dim), x.dtype)

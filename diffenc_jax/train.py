@@ -28,8 +28,8 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from diffenc_jax import (baselines, checkpointing, data, decoders, em, evaluate, losses, methods,
-                         models, path_rate, posterior, runs, samplers, schedules, visualize)
+from diffenc_jax import (checkpointing, data, evaluate, methods, path_rate, posterior, runs,
+                         samplers, schedules, train_state, visualize)
 
 MODES = ("train", "eval", "reconstruct", "sample", "encode")
 LR_SCHEDULES = ("constant", "cosine")
@@ -47,7 +47,9 @@ class UsageError(ValueError):
 
 
 def validate_config(config, num_devices: int | None = None) -> None:
-  """Raises UsageError with one line on a bad config, before anything is loaded or compiled."""
+  """Raises UsageError with one line on a bad config, before anything is loaded or compiled:
+  the program's own sections (method, data, train, eval, the shared em fields), then each of
+  the method's pieces on its own section (`methods.validate`)."""
   num_devices = num_devices or jax.device_count()
 
   def check(ok, message):
@@ -63,32 +65,10 @@ def validate_config(config, num_devices: int | None = None) -> None:
     raise UsageError(str(e)) from None
   m = config.model
   check(m.latent_dim > 0, f"model.latent_dim must be > 0, got {m.latent_dim}")
-  check(m.decoder in em.DECODERS, f"unknown decoder {m.decoder!r}; choose one of {em.DECODERS}")
-  check(m.enc_parameterization in em.PARAMETERIZATIONS,
-        f"unknown model.enc_parameterization {m.enc_parameterization!r}; "
-        f"choose one of {em.PARAMETERIZATIONS}")
-  check(m.enc_weighting in losses.WEIGHTINGS,
-        f"unknown model.enc_weighting {m.enc_weighting!r}; choose one of {losses.WEIGHTINGS}")
-  check(m.sigma_x > 0, f"model.sigma_x must be > 0, got {m.sigma_x}")
-  check(m.denoiser in decoders.DENOISERS,
-        f"unknown model.denoiser {m.denoiser!r}; choose one of {decoders.DENOISERS}")
-  check(m.dec_parameterization in losses.PARAMETERIZATIONS,
-        f"unknown model.dec_parameterization {m.dec_parameterization!r}; "
-        f"choose one of {losses.PARAMETERIZATIONS}")
-  check(m.dec_weighting in losses.WEIGHTINGS,
-        f"unknown model.dec_weighting {m.dec_weighting!r}; choose one of {losses.WEIGHTINGS}")
-  check(m.dec_weighting_gamma > 0,
-        f"model.dec_weighting_gamma must be > 0, got {m.dec_weighting_gamma}")
-  if m.decoder == "diffusion" and m.denoiser == "dit":
-    check(all(v > 0 for v in (m.dit_patch_size, m.dit_width, m.dit_depth, m.dit_heads)), "model.dit_patch_size, dit_width, dit_depth and dit_heads must be > 0")
-    check(m.dit_width % m.dit_heads == 0,
-          f"model.dit_width={m.dit_width} is not divisible by model.dit_heads={m.dit_heads}")
-    check(m.get("dit_dtype", "float32") in models.dit.DTYPES,
-          f"model.dit_dtype={m.get('dit_dtype')!r} is not one of {models.dit.DTYPES}")
   for name in ("schedule", "image_schedule"):
     check(config[name].name in schedules.SCHEDULES,
           f"unknown {name}.name {config[name].name!r}; choose one of {sorted(schedules.SCHEDULES)}")
-  lv, langevin = config.em.langevin, config.method == "diffenc"  # only diffenc runs Langevin
+  lv = config.em.langevin
   check(lv.step_rule in samplers.STEP_RULES,
         f"unknown em.langevin.step_rule {lv.step_rule!r}; choose one of {samplers.STEP_RULES}")
   check(lv.proposal in posterior.PROPOSALS,
@@ -97,37 +77,13 @@ def validate_config(config, num_devices: int | None = None) -> None:
         f"em.langevin.mc_samples must be >= 1 (even with antithetic), got {lv.mc_samples}")
   check(lv.log_snr_scale > 0 and lv.gn_levels >= 1 and lv.reference_samples >= 1,
         "em.langevin.log_snr_scale, gn_levels and reference_samples must be > 0")
-  check(not (langevin and lv.mala and (lv.step_rule in ("snr", "diagonal") or lv.max_move > 0)),
-        "em.langevin.mala needs step_rule 'fixed' without max_move, or 'gauss_newton'")
-  # baselines (diffenc_jax/baselines.py): each method's own section only
-  check(m.unet_conditioning in models.CONDITIONINGS,
-        f"unknown model.unet_conditioning {m.unet_conditioning!r}; "
-        f"choose one of {models.CONDITIONINGS}")
-  check(config.method not in ("diffae", "dmz") or m.decoder == "diffusion",
-        f"method {config.method!r} needs model.decoder='diffusion'")
-  if config.method == "diffae":
-    dae = config.diffae
-    check(dae.encoder in baselines.DIFFAE_ENCODERS,
-          f"unknown diffae.encoder {dae.encoder!r}; choose one of {baselines.DIFFAE_ENCODERS}")
-    check(dae.encoder != "resnet" or config.data.name != "toy2d",
-          "diffae.encoder='resnet' needs image data")
-    check(dae.prior_steps >= 1, f"diffae.prior_steps must be >= 1, got {dae.prior_steps}")
-  if config.method == "dmz":
-    check(m.denoiser != "unet" or m.unet_conditioning == "xattn",
-          "method 'dmz' feeds z to the U-Net as one cross-attention token: "
-          "needs model.unet_conditioning='xattn'")
-    check(config.dmz.temperature > 0, f"dmz.temperature must be > 0, got {config.dmz.temperature}")
-    check(config.dmz.input_perturbation >= 0,
-          f"dmz.input_perturbation must be >= 0, got {config.dmz.input_perturbation}")
-    check(config.dmz.sample_steps >= 1,
-          f"dmz.sample_steps must be >= 1, got {config.dmz.sample_steps}")
   check(config.em.beta > 0, f"em.beta must be > 0, got {config.em.beta}")
   check(config.em.beta_schedule in schedules.BETA_SCHEDULES, f"unknown em.beta_schedule "
         f"{config.em.beta_schedule!r}; choose one of {schedules.BETA_SCHEDULES}")
   check(config.em.beta_schedule != "anneal" or (config.em.beta_start > 0 and
                                                 config.em.beta_anneal_steps >= 1),
         "em.beta_schedule='anneal' needs em.beta_start > 0 and em.beta_anneal_steps >= 1")
-  for name in ("e_updates", "m_updates", "encoder_inner_steps", "encoder_noise_draws"):
+  for name in ("e_updates", "m_updates", "encoder_inner_steps"):
     check(config.em[name] >= 1, f"em.{name} must be >= 1, got {config.em[name]}")
   check(config.data.augment_shift >= 0,
         f"data.augment_shift must be >= 0, got {config.data.augment_shift}")
@@ -159,9 +115,6 @@ def validate_config(config, num_devices: int | None = None) -> None:
   for name in ("step_size", "snr"):
     check(lv[name] > 0, f"em.langevin.{name} must be > 0, got {lv[name]}")
   check(lv.max_move >= 0, f"em.langevin.max_move must be >= 0, got {lv.max_move}")
-  check(not (langevin and lv.fresh_draws and lv.mala and config.model.decoder == "diffusion"),
-        "em.langevin.fresh_draws draws a new energy at every step: MALA needs a fixed one "
-        "(set em.langevin.mala=False)")
   check(config.em.chain_slots >= 0, f"em.chain_slots must be >= 0, got {config.em.chain_slots}")
   check(not config.em.chain_slots or config.method == "diffenc",
         "em.chain_slots (persistent E-step chains) needs method='diffenc'")
@@ -169,22 +122,9 @@ def validate_config(config, num_devices: int | None = None) -> None:
         f"em.eval_refine_steps must be >= 0, got {config.em.eval_refine_steps}")
   for name in ("align_weight", "prox_weight"):
     check(config.em[name] >= 0, f"em.{name} must be >= 0, got {config.em[name]}")
-  em_ = config.em
-  for name in ("joint_warmup_rounds", "gaussian_warmup_rounds", "joint_code_steps"):
-    check(em_[name] >= 0, f"em.{name} must be >= 0, got {em_[name]}")
-  check(not (em_.joint_warmup_rounds and em_.gaussian_warmup_rounds),
-        "em.joint_warmup_rounds and em.gaussian_warmup_rounds are two warm-ups: set one")
-  check(not em_.gaussian_warmup_rounds or config.model.decoder == "diffusion",
-        "em.gaussian_warmup_rounds warms up a diffusion decoder: needs model.decoder='diffusion'")
-  check(em_.em_enc_lr_scale > 0, f"em.em_enc_lr_scale must be > 0, got {em_.em_enc_lr_scale}")
-  wl = em_.warm_langevin
-  check(wl.step_rule in samplers.STEP_RULES,
-        f"unknown em.warm_langevin.step_rule {wl.step_rule!r}; choose one of {samplers.STEP_RULES}")
-  check(wl.num_steps >= 1, f"em.warm_langevin.num_steps must be >= 1, got {wl.num_steps}")
-  es = config.encoder_sampler
-  check(es.num_steps >= 1, f"encoder_sampler.num_steps must be >= 1, got {es.num_steps}")
-  check(0 <= es.eta <= 1, f"encoder_sampler.eta must be in [0, 1], got {es.eta}")
-  check(es.clip > 0, f"encoder_sampler.clip must be > 0, got {es.clip}")
+  for name in ("gaussian_warmup_rounds", "joint_warmup_rounds"):  # EM's own: em.DiffusionEncoder
+    check(not config.em[name] or config.method == "diffenc",
+          f"em.{name} (a warm-up phase of EM) needs method='diffenc'")
   check(path_rate.estimator(config) in path_rate.ESTIMATORS,
         f"unknown eval.rate_estimator {path_rate.estimator(config)!r}; choose one of "
         f"{path_rate.ESTIMATORS}")
@@ -195,6 +135,10 @@ def validate_config(config, num_devices: int | None = None) -> None:
     check(config.eval[name] >= 1, f"eval.{name} must be >= 1, got {config.eval[name]}")
   check(config.eval.get("rate_steps", 1) >= 1,
         f"eval.rate_steps must be >= 1, got {config.eval.get('rate_steps')}")
+  try:  # each piece's checks of its own section (`methods.validate`)
+    methods.validate(config)
+  except ValueError as e:
+    raise UsageError(f"bad config: {e}") from None
 
 
 def validate_data(config, info: data.DatasetInfo) -> None:
@@ -381,12 +325,12 @@ class Trainer:
     return self.method.train_round(state, xs, key)
 
   # --- state and checkpoints ------------------------------------------------------------
-  def fresh_state(self) -> em.TrainState:
+  def fresh_state(self) -> train_state.TrainState:
     init = jax.jit(self.method.init_state, out_shardings=self.replicated)
     return init(jax.random.key(self.config.seed))
 
   def restore_or_init(self, require: bool = False, step: int | None = None,
-                      set_aside: bool = False) -> em.TrainState:
+                      set_aside: bool = False) -> train_state.TrainState:
     """The newest readable checkpoint (or checkpoint `step`) restored against the abstract state
     (shapes, dtypes and tree structure must match exactly: never a silent partial restore) and
     checked against the digest saved with it, else a fresh state.
@@ -428,7 +372,7 @@ class Trainer:
     _warn(f"checkpoint {step} is unreadable ({why}): moved {where} to {target}, resuming "
           f"from checkpoint {restored}")
 
-  def save(self, state: em.TrainState) -> None:
+  def save(self, state: train_state.TrainState) -> None:
     checkpointing.save(self.checkpoints, state)
 
   def wait_for_saves(self) -> tuple[int | None, str]:
@@ -442,7 +386,7 @@ class Trainer:
     self.checkpoints.reload()
     return self.checkpoints.latest_step(), failure
 
-  def for_evaluation(self, state: em.TrainState) -> em.TrainState:
+  def for_evaluation(self, state: train_state.TrainState) -> train_state.TrainState:
     """The state to evaluate: with several processes each one's local copy of the replicated
     state, so that evaluation (and process 0's images) runs locally, without collectives."""
     if jax.process_count() == 1:
@@ -462,7 +406,7 @@ class Trainer:
             jax.make_array_from_process_local_data(self.round_sharding, index))
 
   # --- training -------------------------------------------------------------------------
-  def train(self, state: em.TrainState | None = None,
+  def train(self, state: train_state.TrainState | None = None,
             stop: runs.StopOnSignal | None = None) -> dict:
     """Trains from `state` (default: `restore_or_init`) to train.num_steps rounds. On any error,
     divergence or KeyboardInterrupt, pending checkpoint saves finish first and the error names

@@ -196,3 +196,49 @@ def test_configs_validate():
   assert state.params["zstats"]["mean"].shape == (512,)
   z = jax.eval_shape(method.encode, state.params["encoder"], jnp.zeros((2, 32, 32, 3)))
   assert z.shape == (2, 512)
+
+
+def test_joint_trains_its_latent_prior_without_touching_the_autoencoder():
+  """em.latent_prior on the joint ablation: a prior fitted to the detached z⁰ of each update,
+  after it and with its own key: encoder and decoder end two rounds bitwise where they end
+  without it, the prior (and its optimiser) moved, and samples come from it."""
+  from diffenc_jax import methods
+  xs = jax.random.uniform(jax.random.key(1), (2, 8, 8, 8, 1), minval=-1, maxval=1)
+  runs = {}
+  for flag in (False, True):
+    config = baseline_config("diffenc_joint", **{"em.latent_prior": flag, "em.e_updates": 2})
+    method = methods.get_method(config, (8, 8, 1))
+    state = init = method.init_state(jax.random.key(0))
+    train_round = jax.jit(method.train_round)
+    for i in range(2):
+      state, metrics = train_round(state, xs, jax.random.key(10 + i))
+    runs[flag] = (method, init, state, metrics)
+  for net in ("encoder", "decoder"):
+    for a, b in zip(jax.tree.leaves(runs[False][2].params[net]),
+                    jax.tree.leaves(runs[True][2].params[net])):
+      np.testing.assert_array_equal(a, b)
+  method, init, state, metrics = runs[True]
+  assert "prior" not in runs[False][2].params and np.isfinite(metrics["prior_loss"])
+  assert set(state.params) - {"zstats"} == set(state.opt_state)
+  for tree in (state.params, state.ema):  # the parameters and their EMA moved
+    assert any(not np.array_equal(a, b) for a, b in
+               zip(jax.tree.leaves(init.params["prior"]), jax.tree.leaves(tree["prior"])))
+  counts = [np.asarray(c) for p, c in jax.tree_util.tree_leaves_with_path(state.opt_state["prior"])
+            if "count" in jax.tree_util.keystr(p)]
+  assert counts and all(c == 4 for c in counts)  # one prior update per batch: 2 rounds × 2
+  key = jax.random.key(3)
+  np.testing.assert_array_equal(method.sample_latents(state.params, key, 4),
+                                method.prior.sample(state.params["prior"], key, 4,
+                                                    state.params.get("zstats")))
+  assert not np.allclose(method.sample_latents(state.params, key, 4),
+                         jax.random.normal(key, (4, method.latent_dim)))
+
+
+@pytest.mark.parametrize("field", ["em.gaussian_warmup_rounds", "em.joint_warmup_rounds"])
+def test_joint_refuses_the_warm_ups_of_em(field):
+  """EM's warm-ups are phases of the EM rule: the one-loss ablation has none to run."""
+  config = baseline_config("diffenc_joint", **{field: 2, "model.decoder": "diffusion"})
+  with pytest.raises(train.UsageError) as err:
+    train.validate_config(config, num_devices=1)
+  assert f"{field} " in str(err.value) and "method='diffenc'" in str(err.value)
+  assert "\n" not in str(err.value)

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from diffenc_jax import decoders, em, evaluate, methods, models, posterior_check, samplers, schedules
+from diffenc_jax import (chain, decoders, evaluate, latent_prior, methods, models,
+                         posterior_check, samplers, schedules, train_state)
 from diffenc_jax.models import dit
 
 SCHED = schedules.CosineSchedule()
@@ -101,7 +102,7 @@ def test_ddim_inversion_of_an_exact_point_mass_round_trips():
 def test_latent_prior_standardises_with_running_statistics():
   config = tiny.get_config()
   config.diffae.prior_normalize = True
-  prior = em.LatentDDPMPrior(config, SCHED)
+  prior = latent_prior.LatentDDPMPrior(config, SCHED)
   mean, std = jnp.array([2.0, -1.0, 0.0, 5.0]), jnp.array([0.5, 1.5, 3.0, 0.1])
   stats = prior.init_stats()
   for i in range(1500):
@@ -117,7 +118,7 @@ def test_latent_prior_standardises_with_running_statistics():
   np.testing.assert_allclose(samples.std(0), s, rtol=0.1)
   # its loss sees standardised codes: N(mean, std²) codes give the loss of N(0, I) codes
   params = jax.tree.map(jnp.zeros_like, prior.init(jax.random.key(0)))
-  prior = em.LatentDDPMPrior(config, SCHED)
+  prior = latent_prior.LatentDDPMPrior(config, SCHED)
   z = mean + std * jax.random.normal(jax.random.key(7), (4096, 4))
   std_loss = prior.loss(params, z, jax.random.key(3), {"mean": mean, "sq": std**2 + mean**2})
   raw = prior.loss(params, (z - mean) / std, jax.random.key(3))
@@ -211,7 +212,7 @@ def test_gaussian_warmup_rounds_then_diffusion_em():
   # the warm-up's z^K is the gaussian decoder's chain (em.warm_langevin: gauss_newton + MALA)
   x = xs[0]
   lat = m.latents(state.params, x, key, warm=True)
-  ref = em.posterior_sample(config, m.warm_decoder, state.params["warm_decoder"], x, lat["z0"],
+  ref = chain.posterior_sample(config, m.warm_decoder, state.params["warm_decoder"], x, lat["z0"],
                             jax.random.split(key)[1], 2, langevin=config.em.warm_langevin)[0]
   np.testing.assert_allclose(lat["zK"], ref, rtol=1e-5, atol=1e-6)
   # after the warm-up: em_round on the diffusion decoder; the gaussian decoder stays put
@@ -225,7 +226,7 @@ def test_gaussian_warmup_rounds_then_diffusion_em():
 def test_encoder_rate_scaled_once_em_starts():
   """em.em_enc_lr_scale: Adam's first updates have size ≈ lr; from the round the gaussian
   warm-up ends (× updates per round) on they are scale × that, and not before."""
-  opt = em.make_optimizer(1.0, warmup_steps=1, grad_clip=1e9, scale_after=(3, 0.1))
+  opt = train_state.make_optimizer(1.0, warmup_steps=1, grad_clip=1e9, scale_after=(3, 0.1))
   params = jnp.zeros((4,))
   opt_state = opt.init(params)
   sizes = []
@@ -338,7 +339,7 @@ def test_chain_check_coverage_against_a_precomputed_reference():
 
 def test_persistent_visits_continue_each_chain_as_training_does():
   """posterior_check.persistent_visits: visit 1 is the E-step from z⁰ with no curvature known;
-  every later visit continues the last state with the running curvature (em.running_curvature)
+  every later visit continues the last state with the running curvature (chain.running_curvature)
   — checked by replaying the visits through method.latents; the states returned are those after
   the visits asked for."""
   config = tiny.get_config()

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffenc_jax import em, posterior, posterior_check, samplers, schedules
+from diffenc_jax import chain, posterior, posterior_check, samplers, schedules
 from tests.test_samplers import assert_moments
 
 SCHED = schedules.CosineSchedule(logsnr_min=-15.0, logsnr_max=15.0)  # the image schedule's
@@ -375,7 +375,7 @@ def test_recipe_chain_samples_tempered_posterior_within_its_step_bias():
       z, info = samplers.langevin_posterior(log_density, z, kv, num_steps=lv.num_steps,
                                             step_size=eta, step_rule="diagonal",
                                             fresh_draws=True, curvature=curv)
-      return (z, em.running_curvature(curv, info.grad_sq, em_cfg.curvature_decay)), None
+      return (z, chain.running_curvature(curv, info.grad_sq, em_cfg.curvature_decay)), None
 
     (z, _), _ = jax.lax.scan(visit, (z0, jnp.zeros_like(z0)), jax.random.split(k, 500))
     return z

@@ -274,9 +274,9 @@ def test_diffusion_decoder_round(tmp_path):
 def test_weight_decay_shrinks_kernels_only():
   """AdamW with zero gradients: kernels scale by exactly 1 − lr·wd, biases stay."""
   import jax.numpy as jnp
-  from diffenc_jax import em
+  from diffenc_jax import train_state
   lr, wd = 1e-2, 0.5
-  opt = em.make_optimizer(lr, warmup_steps=1, grad_clip=1.0, weight_decay=wd)
+  opt = train_state.make_optimizer(lr, warmup_steps=1, grad_clip=1.0, weight_decay=wd)
   params = {"kernel": jnp.full((3, 2), 2.0), "bias": jnp.full((2,), 2.0)}
   updates, _ = opt.update(jax.tree.map(jnp.zeros_like, params), opt.init(params), params)
   np.testing.assert_allclose(updates["kernel"], -lr * wd * 2.0, rtol=1e-6)
@@ -289,12 +289,12 @@ def test_cosine_schedule_counts_every_update_of_every_round():
   with u the fraction of the decay, ending at f·lr after num_steps rounds × updates per round
   (the diffenc decoder is updated m_updates = 2 times per round)."""
   import jax.numpy as jnp
-  from diffenc_jax import em
+  from diffenc_jax import train_state
   rounds, per_round, warm, lr, f = 6, 2, 3, 1e-2, 0.1
   config = tiny_config(**{"train.lr_schedule": "cosine", "train.final_lr": f,
                           "train.num_steps": rounds, "train.warmup_steps": warm,
                           "train.grad_clip": 1e9})
-  opt = em.optimizer_for(config, lr, per_round)
+  opt = train_state.optimizer_for(config, lr, per_round)
   params = jnp.zeros(())
   state = opt.init(params)
   moves = []
@@ -359,10 +359,10 @@ def test_latent_ddpm_prior_fits_a_gaussian():
   the default clipped ancestral sampler; unclipped deterministic DDIM gave means ~(69, −24))."""
   import jax.numpy as jnp
   import optax
-  from diffenc_jax import em, schedules
+  from diffenc_jax import latent_prior, schedules
   config = tiny_config(**{"model.latent_dim": 2, "diffae.prior_hidden": 64,
                           "diffae.prior_blocks": 2, "diffae.prior_steps": 50})
-  prior = em.LatentDDPMPrior(config, schedules.get_schedule(**config.schedule))
+  prior = latent_prior.LatentDDPMPrior(config, schedules.get_schedule(**config.schedule))
   mu, s = jnp.array([2.0, -1.0]), jnp.array([0.5, 1.5])
   opt = optax.adam(3e-3)
   params = prior.init(jax.random.key(0))

@@ -1,0 +1,139 @@
+"""Encoders q_φ(z | x) as pieces that a method composes with a decoder and a training rule.
+
+An encoder holds its network and its static settings, and offers pure functions of its own
+parameters:
+
+    params = enc.init(key)
+    z0 = enc.encode(params, x, key)                  # (B, d) a code of x (B, ...)
+    loss = enc.loss(params, x, z, key)               # scalar: its training loss on pairs (x, z)
+    rate = enc.rate(params, x, z0, key, n)           # (B,) nats: the KL to the prior of ...
+    zq = enc.rate_latent(params, x, z0, key)         # (B, d) ... this variable (same key)
+
+    LatentDiffusionEncoder  q_φ(z|x) a latent diffusion conditioned on image features
+                            (`models.LatentDenoiser`): encode by latent DDIM, loss the denoising
+                            loss on (x, z), rate the diffusion KL (`path_rate`, `losses`)
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from diffenc_jax import losses, models, path_rate, samplers, schedules
+
+Array = jax.Array
+
+
+class LatentDiffusionEncoder:
+  """q_φ(z|x): a latent diffusion on the latent schedule (config.schedule) whose denoiser sees
+  image features h(x) (`models.LatentDenoiser`: model.enc_channels, enc_features, enc_hidden,
+  enc_blocks; its output a model.enc_parameterization prediction), sampled by latent DDIM
+  (config.encoder_sampler)."""
+
+  def __init__(self, config, data_shape: tuple[int, ...]):
+    m = config.model
+    self.config = config
+    self.data_shape = tuple(data_shape)
+    self.latent_dim = m.latent_dim
+    self.schedule = schedules.get_schedule(**config.schedule)
+    self.network = models.LatentDenoiser(
+        latent_dim=m.latent_dim, channels=tuple(m.enc_channels), feature_dim=m.enc_features,
+        hidden=m.enc_hidden, num_blocks=m.enc_blocks)
+
+  def init(self, key: Array):
+    z, t = jnp.zeros((1, self.latent_dim)), jnp.zeros((1,))
+    return self.network.init(key, z, t, jnp.zeros((1,) + self.data_shape))
+
+  def features(self, params, x: Array) -> Array:
+    """The image features h(x) (B, F) the denoiser is conditioned on."""
+    return self.network.apply(params, x, method="features")
+
+  def eps_fn(self, params, h: Array):
+    """ε̂(z_t, t) of the encoder for precomputed image features h (B, F)."""
+    param = self.config.model.enc_parameterization
+
+    def eps_fn(z_t, t):
+      out = self.network.apply(params, z_t, t, h, method="denoise")
+      return losses.eps_from_prediction(out, z_t, t, self.schedule, param)
+
+    return eps_fn
+
+  def encode(self, params, x: Array, key: Array, num_steps: int | None = None,
+             deterministic: bool = False) -> Array:
+    """z⁰ ~ q_φ(·|x): the features h(x) once, then latent DDIM. x (B, ...) → (B, d).
+    deterministic=True: DDIM with η = 0 from z_1 = 0, a deterministic code of x."""
+    s = self.config.encoder_sampler
+    shape = (x.shape[0], self.latent_dim)
+    return samplers.latent_ddim(self.eps_fn(params, self.features(params, x)), key, shape,
+                                self.schedule, num_steps or s.num_steps,
+                                eta=0.0 if deterministic else s.eta, clip=s.clip,
+                                x_init=jnp.zeros(shape) if deterministic else None)
+
+  def loss(self, params, x: Array, z: Array, key: Array) -> Array:
+    """Mean denoising loss of the encoder on the pairs (x, z), averaged over
+    `em.encoder_noise_draws` draws of (t, ε) per pair: the features h(x) are computed once
+    and shared, so extra draws cost only the small latent MLP."""
+    n = self.config.em.encoder_noise_draws
+    h = jnp.repeat(self.features(params, x), n, axis=0)
+    return losses.denoising_loss(self.eps_fn(params, h), jnp.repeat(z, n, axis=0), key,
+                                 self.schedule, weighting=self.config.model.enc_weighting).mean()
+
+  def rate(self, params, x: Array, z0: Array, key: Array, num_samples: int,
+           log_snr_max: float | Array | None = None) -> Array:
+    """Rate per example (B,), nats, of the variable `rate_latent(params, x, z0, key)` (the same
+    key gives the same variable). eval.rate_estimator chooses:
+      path_kl       the path KL of the encoder's ancestral sampler (eval.rate_steps steps,
+                    eval.rate_spacing) against the prior's, plus its terminal term
+                    (`path_rate.ancestral_path_rate`): an upper bound on the KL of that
+                    sampler's last noisy state; z0 and num_samples are not used;
+      diffusion_kl  the forward-noised estimate from z0 (`losses.rate_estimate`, num_samples
+                    draws), the KL of z0 blurred at λ_max only where ε̂ is the exact predictor.
+    log_snr_max (diffusion_kl only, and chosen by giving it): integrate from that log-SNR."""
+    if log_snr_max is None and path_rate.estimator(self.config) == "path_kl":
+      return self.path(params, x, key)["rate"]
+    eps_fn = self.eps_fn(params, self.features(params, x))
+    return losses.rate_estimate(eps_fn, z0, key, self.schedule, num_samples, log_snr_max)
+
+  def path(self, params, x: Array, key: Array) -> dict[str, Array]:
+    """`path_rate.encoder_path` of the encoder's ancestral sampler on x: its rate and code."""
+    return path_rate.encoder_path(self, self.eps_fn(params, self.features(params, x)), x, key)
+
+  def rate_and_latent(self, params, x: Array, z0: Array, key: Array,
+                      num_samples: int) -> tuple[Array, Array]:
+    """(`rate`, `rate_latent`) under one key, the encoder's path run once."""
+    if path_rate.estimator(self.config) == "path_kl":
+      out = self.path(params, x, key)
+      return out["rate"], out["code"]
+    return (self.rate(params, x, z0, key, num_samples),
+            self.rate_latent(params, x, z0, key))
+
+  def rate_latent(self, params, x: Array, z0: Array, key: Array) -> Array:
+    """The variable whose KL `rate` reports (B, d): with eval.rate_estimator = path_kl the last
+    noisy state of the encoder's ancestral sampler on the rate's grid (z0 unused); with
+    diffusion_kl z̃ = α_0 z0 + σ_0 ε, z0 blurred at the latent schedule's t = 0 (log-SNR λ_max,
+    σ_0² = sigmoid(−λ_max))."""
+    if path_rate.estimator(self.config) == "path_kl":
+      return self.path(params, x, key)["code"]
+    alpha0, sigma0 = self.schedule.alpha_sigma(jnp.zeros(()))
+    return alpha0 * z0 + sigma0 * jax.random.normal(key, z0.shape, z0.dtype)
+
+
+def validate(config) -> None:
+  """Raises ValueError with one line on a bad config of the latent diffusion encoder
+  (model.enc_parameterization, enc_weighting; encoder_sampler; em.encoder_noise_draws)."""
+  m, s = config.model, config.encoder_sampler
+
+  def require(ok, message):
+    if not ok:
+      raise ValueError(message)
+
+  require(m.enc_parameterization in losses.PARAMETERIZATIONS,
+          f"unknown model.enc_parameterization {m.enc_parameterization!r}; "
+          f"choose one of {losses.PARAMETERIZATIONS}")
+  require(m.enc_weighting in losses.WEIGHTINGS,
+          f"unknown model.enc_weighting {m.enc_weighting!r}; choose one of {losses.WEIGHTINGS}")
+  require(s.num_steps >= 1, f"encoder_sampler.num_steps must be >= 1, got {s.num_steps}")
+  require(0 <= s.eta <= 1, f"encoder_sampler.eta must be in [0, 1], got {s.eta}")
+  require(s.clip > 0, f"encoder_sampler.clip must be > 0, got {s.clip}")
+  require(config.em.encoder_noise_draws >= 1,
+          f"em.encoder_noise_draws must be >= 1, got {config.em.encoder_noise_draws}")
