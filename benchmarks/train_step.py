@@ -2,7 +2,8 @@
 Adam; for diffenc the whole E-step + M-step), median of --repeats timed rounds after warm-up,
 on random inputs of each config's data shape.
 
-    python benchmarks/train_step.py [--configs diffae64,mnist,mnist_vae,...] [--repeats 5]
+    python benchmarks/train_step.py [--configs diffae64,mnist,mnist_vae,...] [--repeats 5] \
+        [--step N] [--set FIELD=VALUE ...]
 
 `diffae64` is DiffAE's published 64×64 autoencoder (configs/diffae64.py) at 32×32 RGB, batch 16,
 the setting in which the reference PyTorch implementation trains at 5.9 img/s on a 2-core CPU.
@@ -36,10 +37,11 @@ SHAPES = {
 }
 
 
-def images_per_second(name: str, repeats: int,
-                      overrides: dict | None = None) -> tuple[float, float, float]:
+def images_per_second(name: str, repeats: int, overrides: dict | None = None,
+                      step: int = 0) -> tuple[float, float, float]:
   """(images/s, seconds per round, seconds of the first call: compilation + one round) of
-  config `name`'s jitted training round, with `overrides` {dotted field: value} applied."""
+  config `name`'s jitted training round, with `overrides` {dotted field: value} applied, from a
+  state at round `step` (a round past a warm-up runs the round's post-warm-up branch)."""
   shape, batch = SHAPES[name]
   config = importlib.import_module(f"configs.{name}").get_config()
   config.train.batch_size = batch
@@ -58,6 +60,7 @@ def images_per_second(name: str, repeats: int,
     round_fn = jax.jit(lambda s, x, k, f=method.train_round: f(s, x, k, index=index),
                        donate_argnums=0)
   state = jax.jit(method.init_state)(jax.random.key(0))
+  state = state.replace(step=jax.numpy.asarray(step, state.step.dtype))
   first = 0.0
   for i in range(2):  # compile, then one warm round
     start = time.perf_counter()
@@ -78,6 +81,8 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--configs", default=",".join(SHAPES))
   parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--step", type=int, default=0,
+                      help="time the round from a state at this round (e.g. past a warm-up)")
   parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                       help="override a config field for every config, e.g. model.denoiser=unet")
   args = parser.parse_args()
@@ -87,7 +92,7 @@ def main():
         f"{'compile s':>9s}")
   for name in args.configs.split(","):
     shape, batch = SHAPES[name]
-    ips, seconds, first = images_per_second(name, args.repeats, overrides)
+    ips, seconds, first = images_per_second(name, args.repeats, overrides, args.step)
     print(f"{name:16s} {'x'.join(map(str, shape)):>12s} {batch:5d} {seconds:8.3f} {ips:8.1f} "
           f"{first:9.1f}", flush=True)
 
