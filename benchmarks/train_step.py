@@ -41,7 +41,8 @@ def images_per_second(name: str, repeats: int, overrides: dict | None = None,
                       step: int = 0) -> tuple[float, float, float]:
   """(images/s, seconds per round, seconds of the first call: compilation + one round) of
   config `name`'s jitted training round, with `overrides` {dotted field: value} applied, from a
-  state at round `step` (a round past a warm-up runs the round's post-warm-up branch)."""
+  state at round `step`, as the trainer compiles it: the program of the method's phase at that
+  round (`phase_at`, e.g. EM after a gaussian warm-up)."""
   shape, batch = SHAPES[name]
   config = importlib.import_module(f"configs.{name}").get_config()
   config.train.batch_size = batch
@@ -54,11 +55,12 @@ def images_per_second(name: str, repeats: int, overrides: dict | None = None,
   method = methods.get_method(config, shape)
   e = config.em.e_updates
   xs = jax.random.uniform(jax.random.key(1), (e, batch) + shape, minval=-1.0, maxval=1.0)
-  round_fn = jax.jit(method.train_round, donate_argnums=0)
+  kwargs = {}
   if getattr(method, "uses_example_index", False):  # persistent chains: slots 0 … E·B − 1
-    index = jax.numpy.arange(config.em.e_updates * xs.shape[1]).reshape(xs.shape[:2])
-    round_fn = jax.jit(lambda s, x, k, f=method.train_round: f(s, x, k, index=index),
-                       donate_argnums=0)
+    kwargs["index"] = jax.numpy.arange(config.em.e_updates * xs.shape[1]).reshape(xs.shape[:2])
+  if hasattr(method, "phase_at"):  # the program the trainer runs at round `step`
+    kwargs["phase"] = method.phase_at(step)
+  round_fn = jax.jit(lambda s, x, k: method.train_round(s, x, k, **kwargs), donate_argnums=0)
   state = jax.jit(method.init_state)(jax.random.key(0))
   state = state.replace(step=jax.numpy.asarray(step, state.step.dtype))
   first = 0.0
@@ -82,7 +84,8 @@ def main():
   parser.add_argument("--configs", default=",".join(SHAPES))
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--step", type=int, default=0,
-                      help="time the round from a state at this round (e.g. past a warm-up)")
+                      help="time the round the trainer runs at this round (e.g. past a "
+                           "warm-up: that phase's program)")
   parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                       help="override a config field for every config, e.g. model.denoiser=unet")
   args = parser.parse_args()

@@ -357,33 +357,54 @@ class DiffusionEncoder:
                       "z0_norm2": jnp.mean(jnp.sum(jnp.square(z0), -1))})
     return state, _mean(metrics)
 
-  def train_round(self, state: TrainState, xs: Array, key: Array, index: Array | None = None):
+  def phase_at(self, step: int) -> str:
+    """The form of round `step` (a Python int): "gaussian_warmup" while step <
+    em.gaussian_warmup_rounds (with a diffusion decoder), "joint_warmup" while step <
+    em.joint_warmup_rounds, "em" after. The trainer compiles one program per phase
+    (`train_round(..., phase=...)`): one program with a `lax.cond` over the forms ran the EM
+    round a third slower (docs/recipes.md)."""
+    if self.warm_decoder is not None and step < self.config.em.gaussian_warmup_rounds:
+      return "gaussian_warmup"
+    if step < self.config.em.joint_warmup_rounds:
+      return "joint_warmup"
+    return "em"
+
+  def train_round(self, state: TrainState, xs: Array, key: Array, index: Array | None = None,
+                  phase: str | None = None):
     """One round: `em_round`; while state.step < em.gaussian_warmup_rounds its gaussian
     warm-up form (the E-step on the auxiliary gaussian decoder, both decoders updated on its
-    latents), or `joint_round` while state.step < em.joint_warmup_rounds (one program,
-    `lax.cond`; the warm-up's metrics fill EM's keys it lacks with 0). index (E, B): the
+    latents), or `joint_round` while state.step < em.joint_warmup_rounds (the warm-up's
+    metrics fill EM's keys it lacks with 0). phase (static, `phase_at`): that form alone;
+    None: one program that picks the form from state.step (`lax.cond`). index (E, B): the
     examples' train-split indices, needed with persistent chains (em.chain_slots). Returns
     (state with step + 1, metrics)."""
     if self.chain_slots and index is None:
       raise ValueError("em.chain_slots > 0: train_round needs the examples' index (E, B)")
-    if self.warm_decoder is not None:
-      state, metrics = jax.lax.cond(
-          state.step < self.config.em.gaussian_warmup_rounds,
-          lambda s: self.em_round(s, xs, key, warm=True, index=index),
-          lambda s: self.em_round(s, xs, key, index=index), state)
-      return state.replace(step=state.step + 1), metrics
-    warmup = self.config.em.joint_warmup_rounds
-    if not warmup:
-      state, metrics = self.em_round(state, xs, key, index=index)
-      return state.replace(step=state.step + 1), metrics
-    em_metrics = jax.eval_shape(lambda s: self.em_round(s, xs, key, index=index), state)[1]
+    def em(state):
+      return self.em_round(state, xs, key, index=index)
 
-    def joint(state):
+    def gaussian_warmup(state):
+      return self.em_round(state, xs, key, warm=True, index=index)
+
+    def joint_warmup(state):
+      em_metrics = jax.eval_shape(em, state)[1]
       state, metrics = self.joint_round(state, xs, key)
-      return state, {k: metrics.get(k, jnp.zeros(v.shape, v.dtype)) for k, v in em_metrics.items()}
+      return state, {k: metrics.get(k, jnp.zeros(v.shape, v.dtype))
+                     for k, v in em_metrics.items()}
 
-    state, metrics = jax.lax.cond(state.step < warmup, joint,
-                                  lambda s: self.em_round(s, xs, key, index=index), state)
+    forms = {"gaussian_warmup": gaussian_warmup, "joint_warmup": joint_warmup, "em": em}
+    if phase is not None:
+      if phase not in forms:
+        raise ValueError(f"phase must be one of {sorted(forms)} or None, got {phase!r}")
+      state, metrics = forms[phase](state)
+    elif self.warm_decoder is not None and self.config.em.gaussian_warmup_rounds:
+      state, metrics = jax.lax.cond(state.step < self.config.em.gaussian_warmup_rounds,
+                                    gaussian_warmup, em, state)
+    elif self.config.em.joint_warmup_rounds:
+      state, metrics = jax.lax.cond(state.step < self.config.em.joint_warmup_rounds,
+                                    joint_warmup, em, state)
+    else:
+      state, metrics = em(state)
     return state.replace(step=state.step + 1), metrics
 
 

@@ -299,20 +299,23 @@ class Trainer:
     self.replicated = NamedSharding(self.mesh, P())
     # E batches of B examples: (E, B, ...) sharded on B
     self.round_sharding = NamedSharding(self.mesh, P(None, "data"))
+    # phase (static, the method's `phase_at(step)`): one program per phase of the method
     self.round = jax.jit(self.augmented_round,
                          in_shardings=(self.replicated, self.round_sharding, self.replicated,
                                        self.round_sharding),
-                         out_shardings=(self.replicated, self.replicated), donate_argnums=0)
+                         out_shardings=(self.replicated, self.replicated), donate_argnums=0,
+                         static_argnums=4)
     self.checksummed_from = checksummed_from(self.workdir)
     self.checkpoints = ocp.CheckpointManager(
         os.path.join(self.workdir, "checkpoints"),
         options=ocp.CheckpointManagerOptions(max_to_keep=config.train.keep_checkpoints,
                                              create=True))
 
-  def augmented_round(self, state, xs, key, index):
+  def augmented_round(self, state, xs, key, index, phase=None):
     """The method's training round on xs after `data.random_shift` (when data.augment_shift);
     index (E, B), the examples' train-split indices, reaches methods that keep per-example
-    state (`uses_example_index`: persistent E-step chains)."""
+    state (`uses_example_index`: persistent E-step chains); phase (`phase_of`), methods with
+    warm-up phases."""
     shift = self.config.data.augment_shift
     if shift:
       k_aug, key = jax.random.split(key)
@@ -320,9 +323,16 @@ class Trainer:
       # a shifted copy is an example of its own: a shift moves its code by far more than two
       # draws of the encoder differ (docs/method.md §4, persistent chains)
       index = index * (2 * shift + 1) ** 2 + offset
+    kwargs = {"phase": phase} if phase is not None else {}
     if getattr(self.method, "uses_example_index", False):
-      return self.method.train_round(state, xs, key, index=index)
-    return self.method.train_round(state, xs, key)
+      kwargs["index"] = index
+    return self.method.train_round(state, xs, key, **kwargs)
+
+  def phase_of(self, step: int) -> str | None:
+    """The method's phase at round `step` (its `phase_at`; None for one-phase methods): the
+    round is compiled once per phase, not as one program branching on the step."""
+    phase_at = getattr(self.method, "phase_at", None)
+    return phase_at(step) if phase_at is not None else None
 
   # --- state and checkpoints ------------------------------------------------------------
   def fresh_state(self) -> train_state.TrainState:
@@ -441,7 +451,8 @@ class Trainer:
         if stop.requested():  # a signal during the restore or the last round's evaluation
           raise runs.Stopped(stop.signum, "")
         xs, index = self.global_batch(batches, step)
-        state, metrics = self.round(state, xs, jax.random.fold_in(base_key, step), index)
+        state, metrics = self.round(state, xs, jax.random.fold_in(base_key, step), index,
+                                    self.phase_of(step))
         done = step + 1
         if done % cfg.train.log_every == 0 or done == cfg.train.num_steps:
           metrics = self._finite(metrics, done)

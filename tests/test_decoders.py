@@ -150,7 +150,8 @@ def test_every_method_composes_a_decoder_of_the_config(method, decoder, denoiser
 
 def test_joint_warmup_rounds_then_em_rounds():
   """em.joint_warmup_rounds: rounds before it are `joint_round` (the decoder's loss reaches the
-  encoder through the sampler), later ones `em_round`, each as called alone."""
+  encoder through the sampler), later ones `em_round`, each as called alone (the trainer's
+  form: one program per phase, `phase_at`)."""
   config = tiny.get_config()
   config.model.decoder, config.model.denoiser = "diffusion", "dit"
   config.model.dit_width, config.em.joint_warmup_rounds = 16, 1
@@ -160,16 +161,22 @@ def test_joint_warmup_rounds_then_em_rounds():
   xs = jax.random.uniform(jax.random.key(1), (1, 8, 28, 28, 1), minval=-1, maxval=1)
   key = jax.random.key(2)
   round_fn = jax.jit(m.train_round)
+  phased = jax.jit(m.train_round, static_argnames="phase")
+  assert [m.phase_at(s) for s in (0, 1)] == ["joint_warmup", "em"]
   warm, _ = round_fn(state, xs, key)
-  joint, _ = jax.jit(m.joint_round)(state, xs, key)
+  joint, joint_metrics = phased(state, xs, key, phase="joint_warmup")
   # equal up to XLA's fusion of one program vs another (a wrong branch differs by ≫ 1e-6)
   chex_equal = lambda a, b: jax.tree.map(
       lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6), a, b)
   chex_equal(warm.params, joint.params)
   after, metrics = round_fn(warm, xs, key)
-  em_state, em_metrics = jax.jit(m.em_round)(warm, xs, key)
+  em_state, em_metrics = phased(warm, xs, key, phase="em")
   chex_equal(after.params, em_state.params)
-  assert int(after.step) == 2 and set(metrics) == set(em_metrics)
+  assert int(after.step) == int(em_state.step) == 2
+  assert set(metrics) == set(em_metrics) == set(joint_metrics)
+  # the phase's program is that form alone
+  joint_alone, _ = jax.jit(m.joint_round)(state, xs, key)
+  chex_equal(joint.params, joint_alone.params)
   # the warm-up's encoder update carries the decoder's gradient: without it, it differs
   x = xs[0]
   k_enc, k_dec, k_den = jax.random.split(jax.random.fold_in(key, 0), 3)
@@ -186,7 +193,8 @@ def test_gaussian_warmup_rounds_then_diffusion_em():
   """em.gaussian_warmup_rounds: the first rounds run the E-step on the auxiliary gaussian
   decoder (z^K equals `posterior_sample` on it with em.warm_langevin's chain) and update both
   decoders on its latents; later rounds are plain `em_round`s on the diffusion decoder and leave
-  the gaussian one alone."""
+  the gaussian one alone. The trainer compiles each phase as a program of its own (`phase_at`):
+  the same numbers, without the other phase's branch."""
   config = tiny.get_config()
   config.model.decoder, config.model.denoiser = "diffusion", "dit"
   config.model.dit_width, config.em.gaussian_warmup_rounds = 16, 1
@@ -198,8 +206,10 @@ def test_gaussian_warmup_rounds_then_diffusion_em():
   xs = jax.random.uniform(jax.random.key(1), (1, 8, 28, 28, 1), minval=-1, maxval=1)
   key = jax.random.key(2)
   round_fn = jax.jit(m.train_round)
+  phased = jax.jit(m.train_round, static_argnames="phase")
+  assert [m.phase_at(s) for s in (0, 1, 5)] == ["gaussian_warmup", "em", "em"]
   warm, metrics = round_fn(state, xs, key)
-  alone, _ = jax.jit(lambda s, x, k: m.em_round(s, x, k, warm=True))(state, xs, key)
+  alone, _ = phased(state, xs, key, phase="gaussian_warmup")
   close = lambda a, b: jax.tree.map(
       lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6), a, b)
   close(warm.params, alone.params)
@@ -217,10 +227,17 @@ def test_gaussian_warmup_rounds_then_diffusion_em():
   np.testing.assert_allclose(lat["zK"], ref, rtol=1e-5, atol=1e-6)
   # after the warm-up: em_round on the diffusion decoder; the gaussian decoder stays put
   after, metrics = round_fn(warm, xs, key)
-  plain, plain_metrics = jax.jit(m.em_round)(warm, xs, key)
+  plain, plain_metrics = phased(warm, xs, key, phase="em")
   close(after.params, plain.params)
   assert moved(after.params["warm_decoder"], warm.params["warm_decoder"]) == 0
   assert float(metrics["warm_dec_loss"]) == 0 and set(metrics) == set(plain_metrics)
+  assert int(plain.step) == 2
+  # each phase's program lacks the other's branch
+  count = lambda phase: str(jax.make_jaxpr(
+      lambda s: m.train_round(s, xs, key, phase=phase))(warm)).count(" cond[")
+  assert count(None) > count("em") and count(None) > count("gaussian_warmup")
+  with pytest.raises(ValueError, match="phase must be one of"):
+    m.train_round(warm, xs, key, phase="warm")
 
 
 def test_encoder_rate_scaled_once_em_starts():

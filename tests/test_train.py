@@ -561,7 +561,7 @@ def _rounds(config, num_rounds):
   for step in range(num_rounds):
     xs, index = trainer.global_batch(batches, step)
     state, _ = trainer.round(state, xs, jax.random.fold_in(jax.random.key(config.seed), step),
-                             index)
+                             index, trainer.phase_of(step))
   return jax.device_get(state)
 
 
