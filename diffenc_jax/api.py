@@ -27,7 +27,8 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from diffenc_jax import data, evaluate, latent_prior, methods, runs, train, visualize
+from diffenc_jax import (checkpointing, checks, data, evaluate, latent_prior, methods, runs,
+                         visualize)
 
 Array = jax.Array
 MODES = ("slerp", "lerp")
@@ -97,21 +98,21 @@ class Autoencoder:
     config.json and its newest checkpoint, or checkpoint `step`: neither the dataset nor a
     training setup is needed (the example shape is recorded in config.json; a run of an older
     version without that record reads it from its dataset). `use_ema=None` takes the run's
-    `config.eval.use_ema`. Raises train.UsageError (one line) when the workdir, its config or
+    `config.eval.use_ema`. Raises checks.UsageError (one line) when the workdir, its config or
     the checkpoint is missing or does not match."""
     workdir = os.path.abspath(os.fspath(workdir))
     ckpt_dir = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(workdir):
-      raise train.UsageError(f"no trained model in {workdir}: no such directory")
+      raise checks.UsageError(f"no trained model in {workdir}: no such directory")
     if not os.path.isfile(os.path.join(workdir, runs.CONFIG_NAME)):
-      raise train.UsageError(f"no trained model in {workdir}: no config.json (train mode "
+      raise checks.UsageError(f"no trained model in {workdir}: no config.json (train mode "
                              f"writes it there)")
     if not os.path.isdir(ckpt_dir):
-      raise train.UsageError(f"no trained model in {workdir}: no checkpoints/ folder")
+      raise checks.UsageError(f"no trained model in {workdir}: no checkpoints/ folder")
     try:
       fields, record = runs.read_config(workdir)
     except ValueError as e:
-      raise train.UsageError(str(e)) from None
+      raise checks.UsageError(str(e)) from None
     config = ml_collections.ConfigDict(fields)
     try:
       if record and "data" in record:
@@ -124,10 +125,10 @@ class Autoencoder:
       first = str(e).splitlines()[0] if str(e) else repr(e)  # or a config field it lacks
       field = first.strip("\"' ")
       if isinstance(e, AttributeError) and field.isidentifier():  # ml_collections' message
-        raise train.UsageError(f"cannot rebuild the model of {workdir}: its config.json has no "
+        raise checks.UsageError(f"cannot rebuild the model of {workdir}: its config.json has no "
                                f"field '{field}' (written by another version of diffenc_jax?)"
                                ) from e
-      raise train.UsageError(f"cannot rebuild the model of {workdir}: {first}") from e
+      raise checks.UsageError(f"cannot rebuild the model of {workdir}: {first}") from e
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
                             abstract)
@@ -136,13 +137,13 @@ class Autoencoder:
     try:
       steps = sorted(checkpoints.all_steps(), reverse=True)
       if not steps:
-        raise train.UsageError(f"no trained model in {workdir}: checkpoints/ is empty")
+        raise checks.UsageError(f"no trained model in {workdir}: checkpoints/ is empty")
       if step is not None and step not in steps:
-        raise train.UsageError(f"no checkpoint {step} in {ckpt_dir}; it holds steps "
-                               f"{sorted(steps)}")
-      state = train.restore_newest(checkpoints, workdir, abstract,
-                                   train.checksummed_from(workdir),
-                                   steps=[step] if step is not None else steps)
+        raise checks.UsageError(f"no checkpoint {step} in {ckpt_dir}; it holds steps "
+                                f"{sorted(steps)}")
+      state = checkpointing.restore_newest(checkpoints, workdir, abstract,
+                                           checks.checksummed_from(workdir),
+                                           steps=[step] if step is not None else steps)
     finally:
       checkpoints.close()
     use_ema = config.eval.use_ema if use_ema is None else use_ema

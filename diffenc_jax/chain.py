@@ -8,9 +8,31 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from diffenc_jax import samplers
+from diffenc_jax import posterior, samplers
 
 Array = jax.Array
+
+
+def validate(lv, section: str = "em.langevin") -> None:
+  """Raises ValueError with one line on a bad chain section (em.langevin, em.warm_langevin):
+  step rule, proposal, draws per step, step sizes."""
+
+  def require(ok, message):
+    if not ok:
+      raise ValueError(message)
+
+  require(lv.step_rule in samplers.STEP_RULES,
+          f"unknown {section}.step_rule {lv.step_rule!r}; choose one of {samplers.STEP_RULES}")
+  require(lv.proposal in posterior.PROPOSALS,
+          f"unknown {section}.proposal {lv.proposal!r}; choose one of {posterior.PROPOSALS}")
+  require(lv.num_steps >= 1, f"{section}.num_steps must be >= 1, got {lv.num_steps}")
+  require(lv.mc_samples >= 1 and not (lv.antithetic and lv.mc_samples % 2),
+          f"{section}.mc_samples must be >= 1 (even with antithetic), got {lv.mc_samples}")
+  require(lv.log_snr_scale > 0 and lv.gn_levels >= 1 and lv.reference_samples >= 1,
+          f"{section}.log_snr_scale, gn_levels and reference_samples must be > 0")
+  for name in ("step_size", "snr"):
+    require(lv[name] > 0, f"{section}.{name} must be > 0, got {lv[name]}")
+  require(lv.max_move >= 0, f"{section}.max_move must be >= 0, got {lv.max_move}")
 
 
 def posterior_sample(config, decoder, dec_params, x: Array, z0: Array, key: Array,

@@ -4,6 +4,7 @@ and one training run per workdir.
   state_digest(state)    sha256 over the state's leaves (key path, dtype, shape, bytes)
   save(manager, state)   an orbax save with that digest in the step's custom metadata
   restore_checked(...)   one checkpoint restored and verified against its digest
+  restore_newest(...)    the newest of a run's checkpoints that restores and verifies
   WorkdirLock(workdir)   `workdir/train.lock`, holding the owner's pid and host
 
 The digest is written by orbax with the checkpoint itself (`_CHECKPOINT_METADATA`), so it is
@@ -19,11 +20,15 @@ import hashlib
 import json
 import os
 import socket
+import sys
 import uuid
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from diffenc_jax import runs
+from diffenc_jax.checks import UsageError
 
 DIGEST_KEY = "state_sha256"
 SHAPES_KEY = "shapes"  # {key path: "dtype shape"} of every leaf
@@ -186,3 +191,47 @@ class WorkdirLock:
 
   def __exit__(self, *exc):
     self.release()
+
+
+def warn(message: str) -> None:
+  """One warning line on stderr, from process 0."""
+  if jax.process_index() == 0:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def restore_newest(checkpoints: ocp.CheckpointManager, workdir: str, abstract,
+                   checksummed_from: int | None, steps: list[int], pass_over=None):
+  """The first of `steps` (newest first) whose checkpoint restores against `abstract` (shapes,
+  dtypes and tree structure must match exactly: never a silent partial restore) and matches its
+  checksum (required from step `checksummed_from` on; None: never). Each newer one that does not
+  is handed to pass_over(step, why, restored step) (default: `leave_as_it_is`). UsageError
+  (one line) where none restores or the checkpoint is of another model."""
+  pass_over = pass_over or (lambda b, why, s: leave_as_it_is(workdir, b, why, s))
+  bad = []
+  for s in steps:
+    try:
+      state, verified = restore_checked(
+          checkpoints, s, abstract,
+          require_digest=checksummed_from is not None and s >= checksummed_from)
+    except Unreadable as e:
+      runs.DETAILS.warning("checkpoint %s in %s is unreadable", s, workdir, exc_info=True)
+      bad.append((s, str(e)))
+      continue
+    except Mismatch as e:
+      raise UsageError(f"cannot restore checkpoint {s} in {workdir}: it does not match "
+                       f"the config: {e}") from None
+    for b, why in bad:
+      pass_over(b, why, s)
+    if not verified:
+      warn(f"checkpoint {s} in {workdir}/checkpoints has no checksum (saved by an "
+            f"older version of diffenc_jax): restored unverified")
+    return state
+  (s, why), more = bad[0], len(bad) - 1
+  raise UsageError(f"cannot restore checkpoint {s} in {workdir}: {why}"
+                   + (f" (nor any of the {more} older ones)" if more else ""))
+
+
+def leave_as_it_is(workdir: str, step: int, why: str, restored: int) -> None:
+  """One warning line: checkpoint `step` is unreadable and stays where it is."""
+  warn(f"checkpoint {step} is unreadable ({why}): {workdir}/checkpoints/{step} left as it is, "
+        f"using checkpoint {restored}")

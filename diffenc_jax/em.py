@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from diffenc_jax import decoders, encoders, latent_prior, losses, samplers, schedules, train_state
+from diffenc_jax import (chain, decoders, encoders, latent_prior, losses, samplers, schedules,
+                         train_state)
 from diffenc_jax.chain import posterior_sample, running_curvature
 
 Array = jax.Array
@@ -28,7 +29,7 @@ DECODERS = decoders.DECODERS
 TrainState = train_state.TrainState
 
 
-class DiffusionEncoder:
+class DiffusionEncoder(encoders.DiffusionCodeMethod):
   """The method: static configuration plus pure functions over `TrainState` (the interface
   of `diffenc_jax.methods`)."""
 
@@ -58,11 +59,7 @@ class DiffusionEncoder:
             "em.gaussian_warmup_rounds warms up a diffusion decoder: needs "
             "model.decoder='diffusion'")
     require(em_.em_enc_lr_scale > 0, f"em.em_enc_lr_scale must be > 0, got {em_.em_enc_lr_scale}")
-    wl = em_.warm_langevin
-    require(wl.step_rule in samplers.STEP_RULES,
-            f"unknown em.warm_langevin.step_rule {wl.step_rule!r}; "
-            f"choose one of {samplers.STEP_RULES}")
-    require(wl.num_steps >= 1, f"em.warm_langevin.num_steps must be >= 1, got {wl.num_steps}")
+    chain.validate(em_.warm_langevin, "em.warm_langevin")
 
   def __init__(self, config, data_shape: tuple[int, ...]):
     self.config = config
@@ -119,49 +116,15 @@ class DiffusionEncoder:
                            "curvature": jnp.zeros((self.chain_slots, self.latent_dim))}}
     return train_state.init(params, self.optimizers, chains)
 
-  # --- encoder q_φ(z|x): the piece `self.q` (`encoders.LatentDiffusionEncoder`) ------------
-  @property
-  def encoder(self):
-    """The encoder's network (`models.LatentDenoiser`): `self.q.network`."""
-    return self.q.network
-
-  @encoder.setter
-  def encoder(self, network):
-    self.q.network = network
-
+  # --- encoder q_φ(z|x): the piece `self.q` (`encoders.LatentDiffusionEncoder`); its
+  # codes, rate and the prior's latents: `encoders.DiffusionCodeMethod` ---------------------
   def encoder_eps_fn(self, enc_params, h: Array):
     """ε̂(z_t, t) of the encoder for precomputed image features h (B, F)."""
     return self.q.eps_fn(enc_params, h)
 
-  def encode(self, enc_params, x: Array, key: Array, num_steps: int | None = None,
-             deterministic: bool = False) -> Array:
-    """z⁰ ~ q_φ(·|x) (B, d) by latent DDIM (deterministic=True: η = 0 from z_1 = 0, the joint
-    warm-up's code)."""
-    return self.q.encode(enc_params, x, key, num_steps, deterministic)
-
   def encoder_loss(self, enc_params, x: Array, z: Array, key: Array) -> Array:
     """The encoder's mean denoising loss on the pairs (x, z) (`q.loss`)."""
     return self.q.loss(enc_params, x, z, key)
-
-  def rate(self, params, x: Array, z0: Array, key: Array, num_samples: int,
-           log_snr_max: float | Array | None = None) -> Array:
-    """Rate per example (B,), nats, of `rate_latent(params, x, z0, key)` (`q.rate`)."""
-    return self.q.rate(params["encoder"], x, z0, key, num_samples, log_snr_max)
-
-  def rate_and_latent(self, params, x: Array, z0: Array, key: Array,
-                      num_samples: int) -> tuple[Array, Array]:
-    """(`rate`, `rate_latent`) under one key, the encoder's path run once."""
-    return self.q.rate_and_latent(params["encoder"], x, z0, key, num_samples)
-
-  def rate_latent(self, params, x: Array, z0: Array, key: Array) -> Array:
-    """The variable whose KL `rate` reports (B, d) (`q.rate_latent`)."""
-    return self.q.rate_latent(params["encoder"], x, z0, key)
-
-  def sample_latents(self, params, key: Array, n: int) -> Array:
-    """n latents from the prior: N(0, I), or the fitted latent DDPM with em.latent_prior."""
-    if self.prior is not None:
-      return self.prior.sample(params["prior"], key, n, params.get("zstats"))
-    return jax.random.normal(key, (n, self.latent_dim))
 
   # --- decoder p_θ(x|z) ----------------------------------------------------------------
   def nll(self, dec_params, x: Array, z: Array, key: Array) -> Array:

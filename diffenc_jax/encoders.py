@@ -12,6 +12,7 @@ parameters:
     LatentDiffusionEncoder  q_φ(z|x) a latent diffusion conditioned on image features
                             (`models.LatentDenoiser`): encode by latent DDIM, loss the denoising
                             loss on (x, z), rate the diffusion KL (`path_rate`, `losses`)
+    DiffusionCodeMethod     what a method holding that piece as `self.q` offers of it
 """
 
 from __future__ import annotations
@@ -137,3 +138,48 @@ def validate(config) -> None:
   require(s.clip > 0, f"encoder_sampler.clip must be > 0, got {s.clip}")
   require(config.em.encoder_noise_draws >= 1,
           f"em.encoder_noise_draws must be >= 1, got {config.em.encoder_noise_draws}")
+
+
+class DiffusionCodeMethod:
+  """What a method whose code comes from `LatentDiffusionEncoder` (`self.q`) and whose samples
+  come through `self.prior` (None: N(0, I)) offers of them: the encoder's network, its codes
+  and its rate, and latents to decode. Shared by EM (`em.DiffusionEncoder`) and its one-loss
+  ablation (`joint.DiffusionEncoderJoint`), which compose the same pieces under other rules."""
+
+  q: LatentDiffusionEncoder
+  prior = None
+  latent_dim: int
+
+  @property
+  def encoder(self):
+    """The encoder's network (`models.LatentDenoiser`): `self.q.network`."""
+    return self.q.network
+
+  @encoder.setter
+  def encoder(self, network):
+    self.q.network = network
+
+  def encode(self, enc_params, x: Array, key: Array, num_steps: int | None = None,
+             deterministic: bool = False) -> Array:
+    """z⁰ ~ q_φ(·|x) (B, d) by latent DDIM (deterministic=True: η = 0 from z_1 = 0)."""
+    return self.q.encode(enc_params, x, key, num_steps, deterministic)
+
+  def rate(self, params, x: Array, z0: Array, key: Array, num_samples: int,
+           log_snr_max: float | Array | None = None) -> Array:
+    """Rate per example (B,), nats, of `rate_latent(params, x, z0, key)` (`q.rate`)."""
+    return self.q.rate(params["encoder"], x, z0, key, num_samples, log_snr_max)
+
+  def rate_and_latent(self, params, x: Array, z0: Array, key: Array,
+                      num_samples: int) -> tuple[Array, Array]:
+    """(`rate`, `rate_latent`) under one key, the encoder's path run once."""
+    return self.q.rate_and_latent(params["encoder"], x, z0, key, num_samples)
+
+  def rate_latent(self, params, x: Array, z0: Array, key: Array) -> Array:
+    """The variable whose KL `rate` reports (B, d) (`q.rate_latent`)."""
+    return self.q.rate_latent(params["encoder"], x, z0, key)
+
+  def sample_latents(self, params, key: Array, n: int) -> Array:
+    """n latents from the prior: N(0, I), or the fitted latent DDPM with em.latent_prior."""
+    if self.prior is not None:
+      return self.prior.sample(params["prior"], key, n, params.get("zstats"))
+    return jax.random.normal(key, (n, self.latent_dim))

@@ -2,7 +2,8 @@
 loss through the encoder's DDIM chain, under the one-loss rule of `baselines.OneLossMethod`.
 
 It composes diffenc's encoder piece (`encoders.LatentDiffusionEncoder`) with a decoder of
-`diffenc_jax.decoders`; it shares pieces with `em.DiffusionEncoder`, not code paths.
+`diffenc_jax.decoders`; it shares the pieces with `em.DiffusionEncoder` (and what
+`encoders.DiffusionCodeMethod` offers of the encoder), not the training rule.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from diffenc_jax.train_state import TrainState
 Array = jax.Array
 
 
-class DiffusionEncoderJoint(baselines.OneLossMethod):
+class DiffusionEncoderJoint(encoders.DiffusionCodeMethod, baselines.OneLossMethod):
   """Ablation of EM: the diffusion encoder and its decoder trained by one loss, the decoder's
   pressure reaching φ by backpropagation through the latent DDIM chain z⁰ = DDIM_φ(x, noise).
 
@@ -71,38 +72,9 @@ class DiffusionEncoderJoint(baselines.OneLossMethod):
         params["zstats"] = self.prior.init_stats()
     return train_state.init(params, optimizers)
 
-  @property
-  def encoder(self):
-    """The encoder's network (`models.LatentDenoiser`): `self.q.network`."""
-    return self.q.network
-
-  def encode(self, enc_params, x: Array, key: Array, num_steps: int | None = None) -> Array:
-    """z⁰ ~ q_φ(·|x) (B, d) by latent DDIM."""
-    return self.q.encode(enc_params, x, key, num_steps)
-
-  def rate(self, params, x: Array, z0: Array, key: Array, num_samples: int,
-           log_snr_max: float | Array | None = None) -> Array:
-    """Rate per example (B,), nats, of `rate_latent(params, x, z0, key)` (`q.rate`)."""
-    return self.q.rate(params["encoder"], x, z0, key, num_samples, log_snr_max)
-
-  def rate_and_latent(self, params, x: Array, z0: Array, key: Array,
-                      num_samples: int) -> tuple[Array, Array]:
-    """(`rate`, `rate_latent`) under one key."""
-    return self.q.rate_and_latent(params["encoder"], x, z0, key, num_samples)
-
-  def rate_latent(self, params, x: Array, z0: Array, key: Array) -> Array:
-    """The variable whose KL `rate` reports (B, d) (`q.rate_latent`)."""
-    return self.q.rate_latent(params["encoder"], x, z0, key)
-
   def decode(self, dec_params, z: Array, key: Array, num_steps: int | None = None) -> Array:
     """x̂ from z: the gaussian decoder's mean, or an image DDIM sample."""
     return self.decoder.decode(dec_params, z, key, num_steps)
-
-  def sample_latents(self, params, key: Array, n: int) -> Array:
-    """n latents from the prior: N(0, I), or the fitted latent DDPM with em.latent_prior."""
-    if self.prior is not None:
-      return self.prior.sample(params["prior"], key, n, params.get("zstats"))
-    return jax.random.normal(key, (n, self.latent_dim))
 
   def update(self, state: TrainState, x: Array, key: Array):
     """One joint update of the encoder and decoder on a batch x, then (with em.latent_prior)

@@ -7,8 +7,9 @@
                       `checksummed_from` (the first step whose checkpoint was saved with a
                       checksum: from there on a checkpoint without a readable one is damaged)
                       and `data` (`data_fingerprint`: what it was trained on)
-  check_writable(path), trim_metrics(path, start)
-                      a workdir that takes files; metrics.jsonl cut back to a resumed round
+  check_writable(path), trim_metrics(path, start), previous_elapsed(path, start)
+                      a workdir that takes files; metrics.jsonl cut back to a resumed round,
+                      and the training clock it had reached there
   log_to_file(workdir)
                       Python logging (orbax's warnings, tracebacks) to workdir/LOG_NAME
 
@@ -207,3 +208,19 @@ def log_to_file(workdir: str):
     for h in previous:
       root.addHandler(h)
     handler.close()
+
+
+def previous_elapsed(metrics_path: str, start: int) -> float:
+  """`train/elapsed_s` of the last log line at or before round `start` in a run's
+  metrics.jsonl (0 for a new run): what a resumed run's clock starts from."""
+  elapsed = 0.0
+  if start and os.path.exists(metrics_path):
+    with open(metrics_path) as f:
+      for line in f:
+        try:
+          record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a crash
+          continue
+        if record.get("step", start + 1) <= start and "train/elapsed_s" in record:
+          elapsed = record["train/elapsed_s"]
+  return elapsed

@@ -285,6 +285,17 @@ def test_a_trained_model_loads_without_its_dataset(tmp_path):
   assert samples.shape == (3, 28, 28, 1) and np.all(np.isfinite(samples))
 
 
+def test_the_api_does_not_load_the_training_program():
+  """`diffenc_jax.api` (what opens a trained model) imports neither the training program nor
+  its logging: a model opens where only its files are."""
+  import subprocess
+  import sys
+  code = ("import sys, diffenc_jax.api; "
+          "print(sorted(m for m in ('diffenc_jax.train', 'tensorboardX') if m in sys.modules))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
 def test_what_cannot_be_decoded_or_moved_along_is_refused(model, diffae_model, images):
   """NaN or infinite directions, scales and x_T used to give NaN images; each public input is
   checked as x and z are, in one line."""

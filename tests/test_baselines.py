@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from diffenc_jax import em, train
+from diffenc_jax import checks, em, train
 
 # every method on the digits (8×8), the fastest image data; one-level U-Nets, because the
 # tests' time goes into compiling (the random initialisation of every kernel included)
@@ -176,7 +176,7 @@ def test_joint_gradient_flows_through_the_ddim_chain(tmp_path):
 ])
 def test_bad_baseline_config_fails_with_one_line(method, override, message):
   with pytest.raises(train.UsageError) as err:
-    train.validate_config(baseline_config(method, **override), num_devices=1)
+    checks.validate_config(baseline_config(method, **override), num_devices=1)
   assert message in str(err.value) and "\n" not in str(err.value)
 
 
@@ -185,7 +185,7 @@ def test_configs_validate():
   from diffenc_jax import methods
   for name in ("mnist_vae", "mnist_diffae", "mnist_dmz", "mnist_joint", "diffae64"):
     config = importlib.import_module(f"configs.{name}").get_config()
-    train.validate_config(config, num_devices=1)
+    checks.validate_config(config, num_devices=1)
     assert config.model.latent_dim == (512 if name == "diffae64" else 16)
     assert config.train.batch_size == 128
   # DiffAE's 64×64 architecture builds at 32×32 RGB (shapes only)
@@ -239,6 +239,6 @@ def test_joint_refuses_the_warm_ups_of_em(field):
   """EM's warm-ups are phases of the EM rule: the one-loss ablation has none to run."""
   config = baseline_config("diffenc_joint", **{field: 2, "model.decoder": "diffusion"})
   with pytest.raises(train.UsageError) as err:
-    train.validate_config(config, num_devices=1)
+    checks.validate_config(config, num_devices=1)
   assert f"{field} " in str(err.value) and "method='diffenc'" in str(err.value)
   assert "\n" not in str(err.value)

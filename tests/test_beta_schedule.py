@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from diffenc_jax import baselines, em, schedules, train
+from diffenc_jax import baselines, checks, em, schedules
 
 
 def annealed(config, start=2.0, beta=2000.0, steps=10):
@@ -74,10 +74,10 @@ def test_diffenc_e_step_samples_the_posterior_at_the_beta_of_its_round(monkeypat
 def test_validate_config_rejects_a_bad_beta_schedule():
   config = tiny.get_config()
   config.em.beta_schedule = "cosine"
-  with pytest.raises(train.UsageError, match="em.beta_schedule"):
-    train.validate_config(config)
+  with pytest.raises(checks.UsageError, match="em.beta_schedule"):
+    checks.validate_config(config)
   config = annealed(tiny.get_config(), steps=0)
-  with pytest.raises(train.UsageError, match="beta_anneal_steps >= 1"):
-    train.validate_config(config)
-  train.validate_config(annealed(tiny.get_config()))
+  with pytest.raises(checks.UsageError, match="beta_anneal_steps >= 1"):
+    checks.validate_config(config)
+  checks.validate_config(annealed(tiny.get_config()))
   assert math.isclose(closed_form(10), 2000.0)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from diffenc_jax import (chain, decoders, evaluate, latent_prior, methods, models,
+from diffenc_jax import (chain, decoders, latent_prior, methods, models,
                          posterior_check, samplers, schedules, train_state)
 from diffenc_jax.models import dit
 

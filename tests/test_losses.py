@@ -133,7 +133,7 @@ def test_gaussian_nll_and_kl_closed_forms():
 
 
 def test_vae_loss_terms():
-  n, d = 50_000, 3
+  n = 50_000
   mean = jnp.tile(jnp.array([[0.5, -1.0, 0.0]]), (n, 1))
   log_var = jnp.tile(jnp.log(jnp.array([[0.25, 1.0, 2.0]])), (n, 1))
   # nll(z) = ½‖z‖²: its expectation under q is ½ Σ (m² + v)

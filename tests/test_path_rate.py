@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from diffenc_jax import em, evaluate, losses, path_rate, schedules
-from tests.test_rate import D, N, S, GaussianCodeEncoder, blurred_kl, gaussian_setup
+from tests.test_rate import D, N, GaussianCodeEncoder, blurred_kl, gaussian_setup
 
 SCHEDULE = schedules.CosineSchedule(logsnr_min=-15.0, logsnr_max=8.0)
 

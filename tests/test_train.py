@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from diffenc_jax import data, methods, train
+from diffenc_jax import checks, data, methods, runs, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -61,6 +61,8 @@ def tiny_config(**overrides):
     ({"model.decoder": "diffusion", "em.gaussian_warmup_rounds": 5,
       "em.joint_warmup_rounds": 5}, "two warm-ups: set one"),
     ({"em.warm_langevin.step_rule": "hmc"}, "unknown em.warm_langevin.step_rule"),
+    # the warm-up's chain is checked as the E-step's is (`chain.validate`)
+    ({"em.warm_langevin.step_size": 0.0}, "em.warm_langevin.step_size must be > 0"),
     ({"em.em_enc_lr_scale": 0.0}, "em.em_enc_lr_scale must be > 0"),
     ({"model.decoder": "diffusion", "model.denoiser": "dit", "model.dit_dtype": "float16"},
      "model.dit_dtype='float16' is not one of"),
@@ -70,7 +72,7 @@ def tiny_config(**overrides):
 ])
 def test_bad_config_fails_with_one_line(override, message):
   with pytest.raises(train.UsageError) as err:
-    train.validate_config(tiny_config(**override), num_devices=4)
+    checks.validate_config(tiny_config(**override), num_devices=4)
   assert message in str(err.value)
   assert "\n" not in str(err.value)
 
@@ -149,8 +151,8 @@ def test_resume_is_bitwise(tmp_path, straight_run):
   clock = [(l["step"], l["train/elapsed_s"]) for l in lines if "train/elapsed_s" in l]
   assert [s for s, _ in clock] == [2, 4]
   assert 0 < clock[0][1] < clock[1][1]
-  assert train.previous_elapsed(os.path.join(tmp_path, "metrics.jsonl"), 2) == clock[0][1]
-  assert train.previous_elapsed(os.path.join(tmp_path, "metrics.jsonl"), 0) == 0.0
+  assert runs.previous_elapsed(os.path.join(tmp_path, "metrics.jsonl"), 2) == clock[0][1]
+  assert runs.previous_elapsed(os.path.join(tmp_path, "metrics.jsonl"), 0) == 0.0
   # and training moved every network away from its initialisation
   init = jax.device_get(train.Trainer(tiny_config(), str(tmp_path / "x")).fresh_state())
   for net in ("encoder", "decoder"):
@@ -184,10 +186,10 @@ def test_rejected_resume_changes_nothing(tmp_path, straight_run):
   assert _tree(workdir) == before
   assert api.Autoencoder.load(workdir).latent_dim == 4
   # what may change on resume passes; a training field that may not is named
-  train.check_resume(tiny_config(**{"train.num_steps": 9, "train.log_every": 3,
+  checks.check_resume(tiny_config(**{"train.num_steps": 9, "train.log_every": 3,
                                     "eval.batch_size": 16, "train.mode": "eval"}), workdir)
   with pytest.raises(train.UsageError, match="train.enc_lr=0.001, not 0.002"):
-    train.check_resume(tiny_config(**{"train.enc_lr": 2e-3}), workdir)
+    checks.check_resume(tiny_config(**{"train.enc_lr": 2e-3}), workdir)
   # and a config whose shapes differ from the checkpoint's never restores partially
   with pytest.raises(train.UsageError, match="cannot restore checkpoint 4 .* does not match"):
     train.Trainer(tiny_config(**{"model.latent_dim": 5}), workdir).restore_or_init()
@@ -390,15 +392,15 @@ def _interrupted_run(workdir, monkeypatch, failing_round, error):
   real_round, calls, waits = trainer.round, [0], []
   failed = []
 
-  def round_fn(state, xs, key, index):
+  def round_fn(state, xs, key, index, phase=None):
     calls[0] += 1
     if calls[0] - 1 == failing_round:
       failed.append(True)
       if error is not None:
         raise error
-      state, metrics = real_round(state, xs, key, index)
+      state, metrics = real_round(state, xs, key, index, phase)
       return state, {**metrics, "gap": metrics["gap"] * np.nan}
-    return real_round(state, xs, key, index)
+    return real_round(state, xs, key, index, phase)
 
   real_wait = ocp.CheckpointManager.wait_until_finished
   monkeypatch.setattr(ocp.CheckpointManager, "wait_until_finished",
@@ -648,7 +650,7 @@ def test_a_checkpoint_of_this_version_without_its_checksum_is_damaged(tmp_path, 
   saved = json.loads(meta.read_text())
   saved["custom_metadata"] = {}
   meta.write_text(json.dumps(saved))
-  assert train.checksummed_from(str(legacy)) is None
+  assert checks.checksummed_from(str(legacy)) is None
   restored = train.Trainer(tiny_config(), str(legacy)).restore_or_init()
   assert int(restored.step) == 4
   for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(jax.device_get(restored))):
@@ -751,12 +753,12 @@ def test_what_a_resume_may_change(tmp_path, straight_run):
   (cosine / "config.json").write_text(json.dumps(saved))
   longer = tiny_config(**{"train.lr_schedule": "cosine", "train.num_steps": 8})
   with pytest.raises(train.UsageError) as err:
-    train.check_resume(longer, str(cosine))
+    checks.check_resume(longer, str(cosine))
   assert "follows a cosine learning-rate schedule over train.num_steps=4 rounds: resumed " \
       "with 8" in str(err.value) and "\n" not in str(err.value)
   longer.train.mode = "eval"
-  train.check_resume(longer, str(cosine))  # evaluation does not follow the schedule
-  train.check_resume(tiny_config(**{"train.num_steps": 8}), source)
+  checks.check_resume(longer, str(cosine))  # evaluation does not follow the schedule
+  checks.check_resume(tiny_config(**{"train.num_steps": 8}), source)
 
   replaced = tmp_path / "replaced"
   shutil.copytree(source, replaced)

@@ -73,7 +73,7 @@ def run(cfg, method: str, seed: int, beta: float | None, classifier, config=None
   """Trains one run (unless its suite.json exists) and returns its held-out suite. `config`
   (default `method_config(cfg, method, seed, beta)`) and `name` (default METHOD[_betaB]) let a
   sibling experiment train its own variant in WORKDIR/NAME/seedS."""
-  from diffenc_jax import evaluate, train
+  from diffenc_jax import evaluate, runs, train
 
   name = name or (method if beta is None else f"{method}_beta{beta:g}")
   workdir = os.path.join(cfg.workdir, name, f"seed{seed}")
@@ -87,7 +87,7 @@ def run(cfg, method: str, seed: int, beta: float | None, classifier, config=None
   train.train_and_evaluate(config, workdir)
   # the run's own clock where it has one (it adds up the processes that resumed it, and a run
   # trained beforehand by main.py in workdir keeps its wall time); else this call's
-  wall = train.previous_elapsed(os.path.join(workdir, "metrics.jsonl"), config.train.num_steps)
+  wall = runs.previous_elapsed(os.path.join(workdir, "metrics.jsonl"), config.train.num_steps)
   wall = wall or time.time() - start
   trainer = train.Trainer(config, workdir)
   state = trainer.restore_or_init(require=True)

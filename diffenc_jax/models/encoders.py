@@ -11,7 +11,6 @@ from typing import Sequence
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from diffenc_jax.models.layers import (AttentionBlock, Conv, ConvTrunk, Downsample, ResBlock,
                                        group_norm)
