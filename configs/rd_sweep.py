@@ -19,7 +19,7 @@ def get_config():
   config.betas = "1,10,100,1000,10000"
   config.seeds = 1  # seeds 0…seeds−1 at every β
   config.extra_seed_betas = "10,100,1000"  # one more seed at these β
-  config.num_steps = 1500  # rounds per point (sized in docs/rate.md)
+  config.num_steps = 1000  # rounds per point (sized in docs/rate.md)
   config.lr_schedule = "cosine"
   config.weight_decay = 0.1
   # constant | anneal: anneal runs β log-linearly from min(beta_start, β) to β over
