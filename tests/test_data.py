@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from diffenc_jax import data
+from diffenc_jax import data, datasets
 
 
 def _config(**overrides) -> ml_collections.ConfigDict:
@@ -102,13 +102,13 @@ def test_idx_roundtrip(tmp_path, suffix):
 def test_read_idx_big_endian_and_errors(tmp_path):
   values = np.arange(-6, 6, dtype=np.int32).reshape(2, 3, 2) * 70_000
   _write_idx(tmp_path / "ints.gz", values, type_byte=0x0C)
-  np.testing.assert_array_equal(data.read_idx(str(tmp_path / "ints.gz")), values)
+  np.testing.assert_array_equal(datasets.read_idx(str(tmp_path / "ints.gz")), values)
   (tmp_path / "bad").write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x05abc")  # 3 of 5 bytes
   with pytest.raises(ValueError, match="do not match"):
-    data.read_idx(str(tmp_path / "bad"))
+    datasets.read_idx(str(tmp_path / "bad"))
   (tmp_path / "png").write_bytes(b"\x89PNG....")
   with pytest.raises(ValueError, match="not an IDX file"):
-    data.read_idx(str(tmp_path / "png"))
+    datasets.read_idx(str(tmp_path / "png"))
 
 
 def test_tfds_not_prepared_is_a_clear_error(tmp_path):
