@@ -324,8 +324,8 @@ class DiffusionEncoder(encoders.DiffusionCodeMethod):
     """The form of round `step` (a Python int): "gaussian_warmup" while step <
     em.gaussian_warmup_rounds (with a diffusion decoder), "joint_warmup" while step <
     em.joint_warmup_rounds, "em" after. The trainer compiles one program per phase
-    (`train_round(..., phase=...)`): one program with a `lax.cond` over the forms ran the EM
-    round a third slower (docs/recipes.md)."""
+    (`train_round(..., phase=...)`) rather than one with a `lax.cond` over the forms, which
+    slows the EM round (docs/recipes.md, "One program per phase")."""
     if self.warm_decoder is not None and step < self.config.em.gaussian_warmup_rounds:
       return "gaussian_warmup"
     if step < self.config.em.joint_warmup_rounds:
@@ -343,6 +343,7 @@ class DiffusionEncoder(encoders.DiffusionCodeMethod):
     (state with step + 1, metrics)."""
     if self.chain_slots and index is None:
       raise ValueError("em.chain_slots > 0: train_round needs the examples' index (E, B)")
+
     def em(state):
       return self.em_round(state, xs, key, index=index)
 
