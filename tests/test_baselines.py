@@ -202,23 +202,10 @@ def test_joint_trains_its_latent_prior_without_touching_the_autoencoder():
   """em.latent_prior on the joint ablation: a prior fitted to the detached z⁰ of each update,
   after it and with its own key: encoder and decoder end two rounds bitwise where they end
   without it, the prior (and its optimiser) moved, and samples come from it."""
-  from diffenc_jax import methods
+  from tests.test_train import latent_prior_runs
   xs = jax.random.uniform(jax.random.key(1), (2, 8, 8, 8, 1), minval=-1, maxval=1)
-  runs = {}
-  for flag in (False, True):
-    config = baseline_config("diffenc_joint", **{"em.latent_prior": flag, "em.e_updates": 2})
-    method = methods.get_method(config, (8, 8, 1))
-    state = init = method.init_state(jax.random.key(0))
-    train_round = jax.jit(method.train_round)
-    for i in range(2):
-      state, metrics = train_round(state, xs, jax.random.key(10 + i))
-    runs[flag] = (method, init, state, metrics)
-  for net in ("encoder", "decoder"):
-    for a, b in zip(jax.tree.leaves(runs[False][2].params[net]),
-                    jax.tree.leaves(runs[True][2].params[net])):
-      np.testing.assert_array_equal(a, b)
-  method, init, state, metrics = runs[True]
-  assert "prior" not in runs[False][2].params and np.isfinite(metrics["prior_loss"])
+  method, init, state, metrics = latent_prior_runs(lambda flag: baseline_config(
+      "diffenc_joint", **{"em.latent_prior": flag, "em.e_updates": 2}), xs)
   assert set(state.params) - {"zstats"} == set(state.opt_state)
   for tree in (state.params, state.ema):  # the parameters and their EMA moved
     assert any(not np.array_equal(a, b) for a, b in

@@ -328,14 +328,15 @@ def test_decoder_dropout_only_in_the_training_loss():
   assert not np.allclose(a, nll) and not np.allclose(a, b)
 
 
-def test_latent_prior_leaves_em_untouched_and_is_sampled():
-  """em.latent_prior adds a prior fitted to detached z⁰ with its own key: the encoder and
-  decoder of two rounds are bitwise those of a run without it; samples come from the prior."""
+def latent_prior_runs(config_with_prior, xs):
+  """Two jitted rounds on xs (E, B, ...) of the method of config_with_prior(False) and of
+  config_with_prior(True), from one seed; asserts that the encoder and decoder end bitwise
+  alike and that only the second has a prior, whose loss is finite. Returns the second run's
+  (method, initial state, state, last metrics)."""
   from diffenc_jax import methods
-  xs = jax.random.uniform(jax.random.key(1), (1, 8, 28, 28, 1), minval=-1, maxval=1)
   runs = {}
   for flag in (False, True):
-    method = methods.get_method(tiny_config(**{"em.latent_prior": flag}), (28, 28, 1))
+    method = methods.get_method(config_with_prior(flag), xs.shape[2:])
     state = init = method.init_state(jax.random.key(0))
     train_round = jax.jit(method.train_round)
     for i in range(2):
@@ -345,8 +346,16 @@ def test_latent_prior_leaves_em_untouched_and_is_sampled():
     for a, b in zip(jax.tree.leaves(runs[False][2].params[net]),
                     jax.tree.leaves(runs[True][2].params[net])):
       np.testing.assert_array_equal(a, b)
-  method, init, state, metrics = runs[True]
-  assert "prior" not in runs[False][2].params and np.isfinite(metrics["prior_loss"])
+  assert "prior" not in runs[False][2].params and np.isfinite(runs[True][3]["prior_loss"])
+  return runs[True]
+
+
+def test_latent_prior_leaves_em_untouched_and_is_sampled():
+  """em.latent_prior adds a prior fitted to detached z⁰ with its own key: the encoder and
+  decoder of two rounds are bitwise those of a run without it; samples come from the prior."""
+  xs = jax.random.uniform(jax.random.key(1), (1, 8, 28, 28, 1), minval=-1, maxval=1)
+  method, init, state, metrics = latent_prior_runs(
+      lambda flag: tiny_config(**{"em.latent_prior": flag}), xs)
   assert any(not np.array_equal(a, b) for a, b in
              zip(jax.tree.leaves(init.params["prior"]), jax.tree.leaves(state.params["prior"])))
   key = jax.random.key(3)
