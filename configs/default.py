@@ -97,6 +97,10 @@ def get_config() -> ml_collections.ConfigDict:
   em.e_updates = 1  # E updates per round
   em.m_updates = 2  # M updates per round (the E-step's latents reused: cheap)
   em.encoder_inner_steps = 1  # encoder denoising updates per E-step on the same (x, z^K)
+  # the encoder's denoising update sees its image moved by up to this many pixels (uniform on
+  # {-s..s}², edges replicated) with the z^K of the unmoved image as its target: augmentation of
+  # the encoder alone, which keeps one persistent chain per example (em.chain_slots)
+  em.encoder_shift = 0
   em.encoder_noise_draws = 4  # (t, ε) draws per (x, z^K) pair in each encoder update
   em.prox_weight = 0.0  # λ_prox: ½ λ_prox ‖z − z⁰‖² added to U
   # rounds of a DiffAE-style joint warm-up before EM (`DiffusionEncoder.joint_round`): the

@@ -66,6 +66,11 @@ def validate_config(config, num_devices: int | None = None) -> None:
         f"data.augment_shift must be >= 0, got {config.data.augment_shift}")
   check(config.data.augment_shift == 0 or config.data.name != "toy2d",
         "data.augment_shift needs image data")
+  encoder_shift = config.em.get("encoder_shift", 0)
+  check(encoder_shift >= 0, f"em.encoder_shift must be >= 0, got {encoder_shift}")
+  check(encoder_shift == 0 or config.data.name != "toy2d", "em.encoder_shift needs image data")
+  check(encoder_shift == 0 or config.method == "diffenc",
+        "em.encoder_shift (the E-step's encoder update) needs method='diffenc'")
   check(config.train.lr_schedule in LR_SCHEDULES,
         f"unknown train.lr_schedule {config.train.lr_schedule!r}; choose one of {LR_SCHEDULES}")
   check(0 <= config.train.final_lr <= 1,
@@ -127,9 +132,12 @@ def validate_data(config, info: data.DatasetInfo) -> None:
     raise UsageError(f"bad config: em.chain_slots={slots} must be at least the {n} training "
                      f"examples of {info.name} × their {copies} shifted copies "
                      f"(data.augment_shift={shift}): one persistent chain each")
-  if info.is_image and 2 * shift >= min(info.shape[:2]):
-    raise UsageError(f"bad config: data.augment_shift={shift} must be below half the image "
-                     f"size {info.shape[0]}x{info.shape[1]}")
+  for name in ("data.augment_shift", "em.encoder_shift"):
+    section, field = name.split(".")
+    s = config[section].get(field, 0)
+    if info.is_image and 2 * s >= min(info.shape[:2]):
+      raise UsageError(f"bad config: {name}={s} must be below half the image "
+                       f"size {info.shape[0]}x{info.shape[1]}")
   m = config.model
   if m.decoder == "diffusion" and m.denoiser == "dit":
     p = m.dit_patch_size

@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from diffenc_jax import (chain, decoders, encoders, latent_prior, losses, samplers, schedules,
-                         train_state)
+from diffenc_jax import (chain, data, decoders, encoders, latent_prior, losses, samplers,
+                         schedules, train_state)
 from diffenc_jax.chain import posterior_sample, running_curvature
 
 Array = jax.Array
@@ -202,8 +202,11 @@ class DiffusionEncoder(encoders.DiffusionCodeMethod):
     # a few updates at most: a trace-time loop, because XLA:CPU runs the conv trunk inside a
     # loop body (scan/while, even unrolled) about twice as slowly as at top level
     enc, enc_opt, enc_losses = state.params["encoder"], state.opt_state["encoder"], []
+    x_enc = x
+    if self.config.em.get("encoder_shift", 0):  # the encoder sees x moved, learns x's z^K
+      x_enc = data.random_shift(jax.random.fold_in(k_enc, 2), x, self.config.em.encoder_shift)
     for k in jax.random.split(k_enc, self.config.em.encoder_inner_steps):
-      loss, grads = jax.value_and_grad(self.encoder_loss)(enc, x, zk, k)
+      loss, grads = jax.value_and_grad(self.encoder_loss)(enc, x_enc, zk, k)
       updates, enc_opt = self.enc_opt.update(grads, enc_opt, enc)
       enc = optax.apply_updates(enc, updates)
       enc_losses.append(loss)
