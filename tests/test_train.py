@@ -41,6 +41,10 @@ def tiny_config(**overrides):
     ({"em.langevin.mc_samples": 3}, "(even with antithetic)"),
     ({"data.augment_shift": -1}, "augment_shift must be >= 0"),
     ({"data.name": "toy2d", "data.augment_shift": 1}, "augment_shift needs image data"),
+    ({"em.encoder_shift": -1}, "em.encoder_shift must be >= 0"),
+    ({"data.name": "toy2d", "data.augment_shift": 0, "em.encoder_shift": 1},
+     "em.encoder_shift needs image data"),
+    ({"method": "vae", "em.encoder_shift": 1}, "needs method='diffenc'"),
     ({"train.weight_decay": -0.1}, "weight_decay must be >= 0"),
     ({"train.lr_schedule": "step"}, "unknown train.lr_schedule 'step'"),
     ({"train.final_lr": 2.0}, "final_lr must be in [0, 1]"),
@@ -88,6 +92,7 @@ def test_bad_config_touches_nothing(tmp_path):
 @pytest.mark.parametrize("override,message", [
     ({"train.batch_size": 100_000}, "train.batch_size=100000 exceeds the 4500 training examples"),
     ({"data.augment_shift": 100}, "data.augment_shift=100 must be below half the image size"),
+    ({"em.encoder_shift": 14}, "em.encoder_shift=14 must be below half the image size"),
     ({"train.mode": "eval"}, "no trained run in"),  # eval of a workdir that does not exist
     ({"model.decoder": "diffusion", "model.denoiser": "dit", "model.dit_patch_size": 5,
       "em.langevin.step_rule": "snr", "em.langevin.mala": False},
@@ -840,3 +845,32 @@ def test_persistent_chains_continue_where_they_stopped_and_resume_bitwise(tmp_pa
   assert int(straight.opt_state["chains"]["visits"].sum()) == 4 * config.train.batch_size
   for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
     np.testing.assert_array_equal(a, b)
+
+
+def test_encoder_shift_moves_the_encoders_image_not_the_chains():
+  """em.encoder_shift: the chain runs on the unmoved images (its z^K is the one without the
+  shift), and the encoder's update is one optimiser step of its loss on the moved images
+  (data.random_shift from the E-step's key) with that z^K as target."""
+  import optax
+  plain = methods.get_method(tiny_config(), (28, 28, 1))
+  moved = methods.get_method(tiny_config(**{"em.encoder_shift": 2}), (28, 28, 1))
+  state = jax.jit(plain.init_state)(jax.random.key(0))
+  x = jax.random.uniform(jax.random.key(1), (8, 28, 28, 1), minval=-1.0)
+  key = jax.random.key(2)
+  s_plain, _, lat_plain = jax.jit(plain.e_step)(state, x, key)
+  s_moved, _, lat_moved = jax.jit(moved.e_step)(state, x, key)
+  np.testing.assert_array_equal(lat_moved["zK"], lat_plain["zK"])
+  _, k_enc = jax.random.split(key)
+  x_moved = data.random_shift(jax.random.fold_in(k_enc, 2), x, 2)
+  assert float(jnp.abs(x_moved - x).max()) > 0.5
+  (k_loss,) = jax.random.split(k_enc, 1)
+  enc = state.params["encoder"]
+  grads = jax.grad(moved.encoder_loss)(enc, x_moved, lat_moved["zK"], k_loss)
+  updates, _ = moved.enc_opt.update(grads, state.opt_state["encoder"], enc)
+  expected = optax.apply_updates(enc, updates)
+  for a, b, c in zip(jax.tree.leaves(s_moved.params["encoder"]), jax.tree.leaves(expected),
+                     jax.tree.leaves(s_plain.params["encoder"])):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+  differs = [float(jnp.abs(a - c).max()) for a, c in zip(
+      jax.tree.leaves(s_moved.params["encoder"]), jax.tree.leaves(s_plain.params["encoder"]))]
+  assert max(differs) > 1e-5
