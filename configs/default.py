@@ -148,6 +148,11 @@ def get_config() -> ml_collections.ConfigDict:
   # the gaussian warm-up's chain (em.gaussian_warmup_rounds): the gaussian decoder's recipe,
   # kept when a diffusion-decoder config changes em.langevin
   em.warm_langevin = ml_collections.ConfigDict(langevin.to_dict())
+  # the gaussian warm-up's own β (0: em.beta's schedule) and shift augmentation of its rounds
+  # (0: none; a chain slot per example, not per shifted copy: the warm-up does not continue
+  # chains, it only leaves its last z^K in each example's slot for EM)
+  em.warm_beta = 0.0
+  em.warm_shift = 0
   # persistent chains: > 0 keeps each training example's last z^K (this many slots, at least the
   # train split's size × (2 data.augment_shift + 1)², one per shifted copy) and continues its
   # chain there at the next visit, outside any warm-up

@@ -132,7 +132,7 @@ def validate_data(config, info: data.DatasetInfo) -> None:
     raise UsageError(f"bad config: em.chain_slots={slots} must be at least the {n} training "
                      f"examples of {info.name} × their {copies} shifted copies "
                      f"(data.augment_shift={shift}): one persistent chain each")
-  for name in ("data.augment_shift", "em.encoder_shift"):
+  for name in ("data.augment_shift", "em.encoder_shift", "em.warm_shift"):
     section, field = name.split(".")
     s = config[section].get(field, 0)
     if info.is_image and 2 * s >= min(info.shape[:2]):

@@ -51,6 +51,12 @@ class DiffusionEncoder(encoders.DiffusionCodeMethod):
     require(not (lv.fresh_draws and lv.mala and config.model.decoder == "diffusion"),
             "em.langevin.fresh_draws draws a new energy at every step: MALA needs a fixed one "
             "(set em.langevin.mala=False)")
+    require(em_.get("warm_beta", 0.0) >= 0, f"em.warm_beta must be >= 0, got {em_.get('warm_beta')}")
+    require(em_.get("warm_shift", 0) >= 0, f"em.warm_shift must be >= 0, got {em_.get('warm_shift')}")
+    require(not ((em_.get("warm_beta", 0.0) or em_.get("warm_shift", 0))
+                 and not em_.gaussian_warmup_rounds),
+            "em.warm_beta and em.warm_shift are the gaussian warm-up's: they need "
+            "em.gaussian_warmup_rounds > 0")
     for name in ("joint_warmup_rounds", "gaussian_warmup_rounds", "joint_code_steps"):
       require(em_[name] >= 0, f"em.{name} must be >= 0, got {em_[name]}")
     require(not (em_.joint_warmup_rounds and em_.gaussian_warmup_rounds),
@@ -185,8 +191,10 @@ class DiffusionEncoder(encoders.DiffusionCodeMethod):
       slot = index % self.chain_slots
       if not warm:
         resume = (chains["z"][slot], chains["visits"][slot] > 0, chains["curvature"][slot])
-    lat = self.latents(state.params, x, k_lat, beta=schedules.beta_at(self.config.em, state.step),
-                       warm=warm, resume=resume)
+    beta = schedules.beta_at(self.config.em, state.step)
+    if warm and self.config.em.get("warm_beta", 0.0):
+      beta = self.config.em.warm_beta
+    lat = self.latents(state.params, x, k_lat, beta=beta, warm=warm, resume=resume)
     zk = lat["zK"]
     chain_metrics = {}
     if chains is not None:
@@ -351,7 +359,11 @@ class DiffusionEncoder(encoders.DiffusionCodeMethod):
       return self.em_round(state, xs, key, index=index)
 
     def gaussian_warmup(state):
-      return self.em_round(state, xs, key, warm=True, index=index)
+      shift, xs_w, k_round = self.config.em.get("warm_shift", 0), xs, key
+      if shift:  # em.warm_shift: the warm-up's rounds on shifted images
+        k_shift, k_round = jax.random.split(key)
+        xs_w = data.random_shift(k_shift, xs, shift)
+      return self.em_round(state, xs_w, k_round, warm=True, index=index)
 
     def joint_warmup(state):
       em_metrics = jax.eval_shape(em, state)[1]
