@@ -103,7 +103,7 @@ def get_config() -> ml_collections.ConfigDict:
   em.encoder_shift = 0
   em.encoder_noise_draws = 4  # (t, ε) draws per (x, z^K) pair in each encoder update
   em.prox_weight = 0.0  # λ_prox: ½ λ_prox ‖z − z⁰‖² added to U
-  # rounds of a DiffAE-style joint warm-up before EM (`DiffusionEncoder.joint_round`): the
+  # rounds of a DiffAE-style joint warm-up before EM (`phases.joint_round`): the
   # decoder's loss on z⁰ reaches the encoder through its sampler, so that z is informative
   # when EM starts (a diffusion decoder that ignores z is a fixed point of EM)
   em.joint_warmup_rounds = 0
@@ -149,8 +149,8 @@ def get_config() -> ml_collections.ConfigDict:
   # kept when a diffusion-decoder config changes em.langevin
   em.warm_langevin = ml_collections.ConfigDict(langevin.to_dict())
   # the gaussian warm-up's own β (0: em.beta's schedule) and shift augmentation of its rounds
-  # (0: none; a chain slot per example, not per shifted copy: the warm-up does not continue
-  # chains, it only leaves its last z^K in each example's slot for EM)
+  # (0: none); with shifts the warm-up leaves the persistent chains' slots empty, so that EM's
+  # first visit of an example starts at z⁰ rather than at a shifted copy's code
   em.warm_beta = 0.0
   em.warm_shift = 0
   # persistent chains: > 0 keeps each training example's last z^K (this many slots, at least the
@@ -166,11 +166,12 @@ def get_config() -> ml_collections.ConfigDict:
   em.latent_prior = False
 
   # --- baselines (docs/method.md §2; diffenc_jax/baselines.py) -----------------------------
-  # vae: β is em.beta and the encoder GaussianEncoder(enc_channels, enc_features).
+  # vae: β is em.beta and the encoder encoders.GaussianEncoder (model.enc_channels, enc_features).
   # diffenc_joint: no fields of its own (em.beta, em.encoder_noise_draws, encoder_sampler).
   config.diffae = diffae = ml_collections.ConfigDict()
-  # semantic encoder: conv = DeterministicEncoder(model.enc_channels, model.enc_features),
-  # resnet = ResNetEncoder(resnet_*) (DiffAE's: 64, (1, 2, 4, 8, 8), 2 blocks, attention at 16)
+  # semantic encoder (encoders.DeterministicEncoder): conv = ConvEncoder(model.enc_channels,
+  # model.enc_features), resnet = ResNetEncoder(resnet_*) (DiffAE's: 64, (1, 2, 4, 8, 8),
+  # 2 blocks, attention at 16)
   diffae.encoder = "conv"  # conv | resnet
   diffae.resnet_channels = 64
   diffae.resnet_channel_mult = (1, 2, 4, 8, 8)

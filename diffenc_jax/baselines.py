@@ -7,23 +7,21 @@
                    token; ε-MSE with DDPM-IP input perturbation; prior Bernoulli(½)^d
 
 Each is trained by one loss over all its parameters, one joint update per batch
-(`OneLossMethod`). vae, diffae and dmz (`Autoencoder`) compose an encoder network with a decoder
-of `diffenc_jax.decoders` (the one diffenc builds from the same config), so that every method
-runs the same decoders and differs only in its encoder and training rule.
+(`OneLossMethod`). vae, diffae and dmz (`Autoencoder`) compose an encoder piece of
+`diffenc_jax.encoders` (gaussian, deterministic, Bernoulli) with a decoder of
+`diffenc_jax.decoders` (the one diffenc builds from the same config), so that every method runs
+the same decoders and differs only in its encoder and training rule.
 """
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 
-from diffenc_jax import chain, decoders, latent_prior, losses, models, schedules, train_state
+from diffenc_jax import chain, decoders, encoders, latent_prior, losses, schedules, train_state
 from diffenc_jax.train_state import TrainState
 
 Array = jax.Array
-DIFFAE_ENCODERS = ("conv", "resnet")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -74,22 +72,31 @@ class OneLossMethod:
 
 
 class Autoencoder(OneLossMethod):
-  """Base of vae, diffae and dmz: an encoder network `self.encoder` (built by the subclass,
-  applied as encoder.apply(params, x)) composed with the decoder `decoders.build(config)`."""
+  """Base of vae, diffae and dmz: the encoder piece `self.q` (`q_class` of
+  `diffenc_jax.encoders`, set by the subclass) composed with the decoder
+  `decoders.build(config)`; codes, rates and prior samples are the piece's."""
+
+  q_class: type
 
   def __init__(self, config, data_shape: tuple[int, ...]):
     self.config = config
     self.data_shape = tuple(data_shape)
     self.latent_dim = config.model.latent_dim
+    self.q = self.q_class(config, self.data_shape)
     self.decoder = decoders.build(config, self.data_shape)
     self.schedule = schedules.get_schedule(**config.schedule)  # latent schedule (priors)
     self.optimizers = train_state.encoder_decoder_optimizers(config)
+
+  @property
+  def encoder(self):
+    """The encoder's network: `self.q.network`."""
+    return self.q.network
 
   def init_params(self, key: Array) -> dict:
     k_enc, k_dec = jax.random.split(key)
     # the decoder gets the key that em.DiffusionEncoder.init_state(k_dec) would give it, so a
     # baseline and diffenc with one seed start from the same decoder
-    return {"encoder": self.encoder.init(k_enc, jnp.zeros((1,) + self.data_shape)),
+    return {"encoder": self.q.init(k_enc),
             "decoder": self.decoder.init(jax.random.split(k_dec)[1])}
 
   def init_state(self, key: Array) -> TrainState:
@@ -100,10 +107,20 @@ class Autoencoder(OneLossMethod):
     `num_steps` (config.eval.decoder_steps by default) for the diffusion decoder."""
     return self.decoder.decode(dec_params, z, key, num_steps)
 
+  def encode(self, enc_params, x: Array, key: Array | None = None,
+             num_steps: int | None = None) -> Array:
+    """The encoder's code of x (B, d) (`q.encode`: VAE μ(x), DiffAE E(x), DMZ hard bits)."""
+    del num_steps
+    return self.q.encode(enc_params, x, key)
+
   def sample_latents(self, params, key: Array, n: int) -> Array:
-    """n latents (n, d) from the prior N(0, I)."""
+    """n latents (n, d) from the encoder's prior (`q.sample_prior`)."""
     del params
-    return jax.random.normal(key, (n, self.latent_dim))
+    return self.q.sample_prior(key, n)
+
+  def rate(self, params, x: Array, z0: Array, key: Array, num_samples: int) -> Array:
+    """Rate per example (B,), nats, of `rate_latent`'s variable (`q.rate`)."""
+    return self.q.rate(params["encoder"], x, z0, key, num_samples)
 
   def rate_and_latent(self, params, x: Array, z0: Array, key: Array,
                       num_samples: int) -> tuple[Array, Array]:
@@ -112,14 +129,13 @@ class Autoencoder(OneLossMethod):
             self.rate_latent(params, x, z0, key))
 
   def rate_latent(self, params, x: Array, z0: Array, key: Array) -> Array:
-    """The variable whose KL `rate` reports: the code z0 itself (a deterministic encoder)."""
-    del params, x, key
-    return z0
+    """The variable whose KL `rate` reports (`q.rate_latent`: z0 itself, or for the VAE a
+    sample of q(z|x))."""
+    return self.q.rate_latent(params["encoder"], x, z0, key)
 
 
 class VAE(Autoencoder):
-  """β-VAE: q(z|x) = N(μ(x), diag e^{log_var(x)}) by `GaussianEncoder(enc_channels,
-  enc_features)`, the decoder of config.model.decoder, the prior N(0, I).
+  """β-VAE: q(z|x) = N(μ(x), diag e^{log_var(x)}) (`encoders.GaussianEncoder`), the decoder of config.model.decoder, the prior N(0, I).
 
   Loss, batch mean of  NLL_θ(x | z) + β KL(q(z|x) ‖ N(0, I)),  z = μ + e^{log_var/2} ε
   (reparameterised, one draw), KL analytic, β = config.em.beta (the diffusion encoder's
@@ -137,17 +153,7 @@ class VAE(Autoencoder):
 
   progress_keys = ("nll", "kl")
   rate_kind = "analytic KL"
-
-  def __init__(self, config, data_shape: tuple[int, ...]):
-    super().__init__(config, data_shape)
-    m = config.model
-    self.encoder = models.GaussianEncoder(m.latent_dim, tuple(m.enc_channels), m.enc_features)
-
-  def encode(self, enc_params, x: Array, key: Array | None = None,
-             num_steps: int | None = None) -> Array:
-    """The posterior mean μ(x) (B, d)."""
-    del key, num_steps
-    return self.encoder.apply(enc_params, x)[0]
+  q_class = encoders.GaussianEncoder
 
   def latents(self, params, x: Array, key: Array,
               num_steps: int | None = None) -> dict[str, Array]:
@@ -163,12 +169,6 @@ class VAE(Autoencoder):
                                    k_chain, num_steps)
     return {"z0": z0, "zK": zk, "info": info}
 
-  def rate_latent(self, params, x: Array, z0: Array, key: Array) -> Array:
-    """The variable whose KL `rate` reports: a sample z = μ + e^{log_var/2} ε of q(z|x)."""
-    del z0
-    mean, log_var = self.encoder.apply(params["encoder"], x)
-    return mean + jnp.exp(0.5 * log_var) * jax.random.normal(key, mean.shape, mean.dtype)
-
   def update(self, state: TrainState, x: Array, key: Array):
     """One update on a batch x at the KL weight β of round state.step (`schedules.beta_at`)."""
     beta = schedules.beta_at(self.config.em, state.step)
@@ -178,22 +178,18 @@ class VAE(Autoencoder):
   def loss(self, params, x: Array, key: Array, beta: float | Array | None = None):
     """(batch mean of NLL + β KL, metrics); β = em.beta unless given."""
     k_z, k_nll = jax.random.split(key)
-    mean, log_var = self.encoder.apply(params["encoder"], x)
+    mean, log_var = self.q.moments(params["encoder"], x)
     beta = self.config.em.beta if beta is None else beta
     out = losses.vae_loss(lambda z: self.decoder.nll(params["decoder"], x, z, k_nll), mean,
                           log_var, k_z, beta)
     return out["loss"].mean(), {"loss": out["loss"].mean(), "nll": out["nll"].mean(),
                                 "kl": out["kl"].mean()}
 
-  def rate(self, params, x: Array, z0: Array, key: Array, num_samples: int) -> Array:
-    """KL(q(z|x) ‖ N(0, I)) per example (B,), nats, in closed form."""
-    del z0, key, num_samples
-    return losses.gaussian_kl(*self.encoder.apply(params["encoder"], x))
-
 
 class DiffAE(Autoencoder):
   """Diffusion autoencoder (Preechakul et al. 2022): a deterministic encoder z = E(x)
-  (DeterministicEncoder, or ResNetEncoder with config.diffae.encoder='resnet'), the
+  (`encoders.DeterministicEncoder`: a small conv net, or DiffAE's ResNet with
+  config.diffae.encoder='resnet'), the
   z-conditioned diffusion decoder (`decoders.DiffusionDecoder`: DiffAE's U-Net with z as a
   multiplicative scale, model.unet_conditioning='scale', or the transformer denoiser), and a
   latent DDPM prior `LatentPrior` over z for sampling.
@@ -219,30 +215,17 @@ class DiffAE(Autoencoder):
 
   progress_keys = ("dec_loss", "prior_loss")
   rate_kind = "∞ (deterministic)"
+  q_class = encoders.DeterministicEncoder
 
   @staticmethod
   def validate(config) -> None:
-    """Raises ValueError with one line on a bad diffae section."""
+    """Raises ValueError with one line on a bad diffae section (its encoder's fields are the
+    piece's: `encoders.DeterministicEncoder.validate`)."""
     d = config.diffae
-    _require(d.encoder in DIFFAE_ENCODERS,
-             f"unknown diffae.encoder {d.encoder!r}; choose one of {DIFFAE_ENCODERS}")
-    _require(d.encoder != "resnet" or config.data.name != "toy2d",
-             "diffae.encoder='resnet' needs image data")
     _require(d.prior_steps >= 1, f"diffae.prior_steps must be >= 1, got {d.prior_steps}")
 
   def __init__(self, config, data_shape: tuple[int, ...]):
     super().__init__(config, data_shape)
-    m, d = config.model, config.diffae
-    if d.encoder not in DIFFAE_ENCODERS:
-      raise ValueError(f"unknown diffae.encoder {d.encoder!r}; choose one of {DIFFAE_ENCODERS}")
-    if d.encoder == "resnet":
-      self.encoder = models.ResNetEncoder(
-          m.latent_dim, channels=d.resnet_channels, channel_mult=tuple(d.resnet_channel_mult),
-          num_res_blocks=d.resnet_num_res_blocks,
-          attn_resolutions=tuple(d.resnet_attn_resolutions))
-    else:
-      self.encoder = models.DeterministicEncoder(m.latent_dim, tuple(m.enc_channels),
-                                                 m.enc_features)
     self.prior = latent_prior.LatentDDPMPrior(config, self.schedule)
     self.optimizers["prior"] = self.prior.optimizer
 
@@ -264,24 +247,13 @@ class DiffAE(Autoencoder):
                             ema={**state.ema, "zstats": stats})
     return state, metrics
 
-  def encode(self, enc_params, x: Array, key: Array | None = None,
-             num_steps: int | None = None) -> Array:
-    """z = E_φ(x) (B, d)."""
-    del key, num_steps
-    return self.encoder.apply(enc_params, x)
-
   def loss(self, params, x: Array, key: Array):
     k_dec, k_prior = jax.random.split(key)
-    z = self.encode(params["encoder"], x)
+    z = self.q.train_code(params["encoder"], x)
     dec_loss = self.decoder.loss(params["decoder"], x, z, k_dec).mean()
     prior_loss = self.prior.loss(params["prior"], z, k_prior, params.get("zstats")).mean()
     return dec_loss + prior_loss, {"dec_loss": dec_loss, "prior_loss": prior_loss,
                                    "z_norm2": jnp.mean(jnp.sum(jnp.square(z), -1))}
-
-  def rate(self, params, x: Array, z0: Array, key: Array, num_samples: int) -> Array:
-    """+∞ per example (B,): the encoder is deterministic."""
-    del params, z0, key, num_samples
-    return jnp.full((x.shape[0],), jnp.inf)
 
   def sample_latents(self, params, key: Array, n: int) -> Array:
     """n latents (n, d) from the latent DDPM prior, by latent DDIM (de-standardised)."""
@@ -289,15 +261,16 @@ class DiffAE(Autoencoder):
 
 
 class DMZ(Autoencoder):
-  """DMZ (arXiv 2506.00136) as its authors built it: z = d bits of `BernoulliEncoder` logits,
+  """DMZ (arXiv 2506.00136) as its authors built it: z = d bits (`encoders.BernoulliEncoder`),
   fed to the U-Net as one cross-attention token (model.unet_conditioning='xattn').
 
   Training codes are soft: z = sigmoid((logits + L)/τ), L ~ Logistic(0, 1) (binary concrete,
   τ = dmz.temperature), strictly inside (0, 1) and differentiable; evaluation codes are hard,
   z = 1[logits > 0] ∈ {0, 1}^d. With dmz.straight_through the training codes are the relaxed
   sample rounded to {0, 1} in the forward pass, with the relaxed sample's gradient (the decoder
-  then trains on the kind of code it decodes at evaluation). Loss, batch mean of the decoder's loss (DMZ's: the unit ε-MSE;
-  model.dec_weighting) with DDPM-IP input perturbation (γ = dmz.input_perturbation):
+  then trains on the kind of code it decodes at evaluation). Loss, batch mean of the decoder's
+  loss (DMZ's: the unit ε-MSE; model.dec_weighting) with DDPM-IP input perturbation
+  (γ = dmz.input_perturbation):
       w(t) ‖ε − ε̂_θ(α_t x + σ_t (ε + γ ξ), t, z)‖²,
   gradient through the relaxed z into the encoder; no prior or rate term. The prior is
   Bernoulli(½)^d, so `rate` is d ln 2 per example (what d bits can carry at most); `decode`
@@ -306,58 +279,27 @@ class DMZ(Autoencoder):
 
   progress_keys = ("dec_loss", "bits_on")
   rate_kind = "d ln 2 (bits)"
+  q_class = encoders.BernoulliEncoder
 
   @staticmethod
   def validate(config) -> None:
     """Raises ValueError with one line on a bad dmz section (or a U-Net without the
-    cross-attention token DMZ feeds z through)."""
+    cross-attention token DMZ feeds z through); its bits' fields are the piece's
+    (`encoders.BernoulliEncoder.validate`)."""
     m, d = config.model, config.dmz
     _require(m.denoiser != "unet" or m.unet_conditioning == "xattn",
              "method 'dmz' feeds z to the U-Net as one cross-attention token: "
              "needs model.unet_conditioning='xattn'")
-    _require(d.temperature > 0, f"dmz.temperature must be > 0, got {d.temperature}")
     _require(d.input_perturbation >= 0,
              f"dmz.input_perturbation must be >= 0, got {d.input_perturbation}")
     _require(d.sample_steps >= 1, f"dmz.sample_steps must be >= 1, got {d.sample_steps}")
 
-  def __init__(self, config, data_shape: tuple[int, ...]):
-    super().__init__(config, data_shape)
-    m = config.model
-    self.encoder = models.BernoulliEncoder(m.latent_dim, tuple(m.enc_channels), m.enc_features)
-
-  def code(self, enc_params, x: Array, key: Array | None = None, train: bool = False) -> Array:
-    """The bits z (B, d) of x: relaxed (in (0, 1), needs key) if train, else hard {0, 1}."""
-    logits = self.encoder.apply(enc_params, x)
-    if train:
-      soft = models.relaxed_bernoulli(key, logits, self.config.dmz.temperature,
-                                      self.config.dmz.noise_scale)
-      if self.config.dmz.straight_through:  # hard bits forward, the soft ones' gradient
-        return soft + jax.lax.stop_gradient(jnp.round(soft) - soft)
-      return soft
-    return models.hard_bernoulli(logits)
-
-  def encode(self, enc_params, x: Array, key: Array | None = None,
-             num_steps: int | None = None) -> Array:
-    """Hard bits 1[logits > 0] (B, d)."""
-    del key, num_steps
-    return self.code(enc_params, x)
-
   def loss(self, params, x: Array, key: Array):
     k_code, k_dec = jax.random.split(key)
-    z = self.code(params["encoder"], x, k_code, train=True)
+    z = self.q.train_code(params["encoder"], x, k_code)
     dec_loss = self.decoder.loss(params["decoder"], x, z, k_dec,
                                  self.config.dmz.input_perturbation).mean()
     return dec_loss, {"dec_loss": dec_loss, "bits_on": jnp.mean(z)}
-
-  def rate(self, params, x: Array, z0: Array, key: Array, num_samples: int) -> Array:
-    """d ln 2 per example (B,), nats."""
-    del params, z0, key, num_samples
-    return jnp.full((x.shape[0],), self.latent_dim * math.log(2.0))
-
-  def sample_latents(self, params, key: Array, n: int) -> Array:
-    """n codes (n, d) from the prior Bernoulli(½)^d."""
-    del params
-    return jax.random.bernoulli(key, 0.5, (n, self.latent_dim)).astype(jnp.float32)
 
   def decode(self, dec_params, z: Array, key: Array, num_steps: int | None = None) -> Array:
     """x̂ (B, ...) by respaced image DDIM, dmz.sample_steps steps unless given."""

@@ -19,9 +19,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from diffenc_jax import (chain, data, decoders, encoders, latent_prior, losses, samplers,
+from diffenc_jax import (data, decoders, encoders, latent_prior, losses, phases, samplers,
                          schedules, train_state)
 from diffenc_jax.chain import posterior_sample, running_curvature
+from diffenc_jax.phases import Stage
 
 Array = jax.Array
 PARAMETERIZATIONS = losses.PARAMETERIZATIONS
@@ -39,8 +40,8 @@ class DiffusionEncoder(encoders.DiffusionCodeMethod):
   @staticmethod
   def validate(config) -> None:
     """Raises ValueError with one line on a bad config of EM's own: the E-step chain's MALA
-    with its step rule, the warm-ups and their chain."""
-    em_, lv = config.em, config.em.langevin
+    with its step rule, then the warm-ups and their chain (`phases.validate`)."""
+    lv = config.em.langevin
 
     def require(ok, message):
       if not ok:
@@ -51,21 +52,7 @@ class DiffusionEncoder(encoders.DiffusionCodeMethod):
     require(not (lv.fresh_draws and lv.mala and config.model.decoder == "diffusion"),
             "em.langevin.fresh_draws draws a new energy at every step: MALA needs a fixed one "
             "(set em.langevin.mala=False)")
-    require(em_.get("warm_beta", 0.0) >= 0, f"em.warm_beta must be >= 0, got {em_.get('warm_beta')}")
-    require(em_.get("warm_shift", 0) >= 0, f"em.warm_shift must be >= 0, got {em_.get('warm_shift')}")
-    require(not ((em_.get("warm_beta", 0.0) or em_.get("warm_shift", 0))
-                 and not em_.gaussian_warmup_rounds),
-            "em.warm_beta and em.warm_shift are the gaussian warm-up's: they need "
-            "em.gaussian_warmup_rounds > 0")
-    for name in ("joint_warmup_rounds", "gaussian_warmup_rounds", "joint_code_steps"):
-      require(em_[name] >= 0, f"em.{name} must be >= 0, got {em_[name]}")
-    require(not (em_.joint_warmup_rounds and em_.gaussian_warmup_rounds),
-            "em.joint_warmup_rounds and em.gaussian_warmup_rounds are two warm-ups: set one")
-    require(not em_.gaussian_warmup_rounds or config.model.decoder == "diffusion",
-            "em.gaussian_warmup_rounds warms up a diffusion decoder: needs "
-            "model.decoder='diffusion'")
-    require(em_.em_enc_lr_scale > 0, f"em.em_enc_lr_scale must be > 0, got {em_.em_enc_lr_scale}")
-    chain.validate(em_.warm_langevin, "em.warm_langevin")
+    phases.validate(config)
 
   def __init__(self, config, data_shape: tuple[int, ...]):
     self.config = config
@@ -101,6 +88,12 @@ class DiffusionEncoder(encoders.DiffusionCodeMethod):
     # em.chain_slots > 0: persistent chains, one per training example (opt_state["chains"])
     self.chain_slots = em_.get("chain_slots", 0)
     self.uses_example_index = bool(self.chain_slots)
+    # the phases' EM rounds (`phases.Stage`)
+    self.stages = phases.stages(config, gaussian_warmup=self.warm_decoder is not None)
+
+  def stage_of(self, stage: Stage | str | None) -> Stage:
+    """The `Stage` named (None: "em"), or the one given."""
+    return stage if isinstance(stage, Stage) else self.stages[stage or "em"]
 
   # --- parameters ----------------------------------------------------------------------
   def init_state(self, key: Array) -> TrainState:
@@ -145,26 +138,27 @@ class DiffusionEncoder(encoders.DiffusionCodeMethod):
   # --- E-step --------------------------------------------------------------------------
   def posterior_sample(self, params, x: Array, z0: Array, key: Array,
                        num_steps: int | None = None, beta: float | Array | None = None,
-                       warm: bool = False, z_start: Array | None = None,
+                       stage: Stage | str | None = None, z_start: Array | None = None,
                        curvature: Array | None = None) -> tuple[Array, samplers.LangevinInfo]:
     """z^K: Langevin on π_β(z|x) ∝ p(z) p_θ(x|z)^(1/β) exp(−½ λ_prox ‖z − z⁰‖²) from z⁰;
     β = em.beta unless given (the E-step passes `schedules.beta_at` of its round).
-    The module's `posterior_sample` on this method's decoder (warm=True: on the gaussian
-    warm-up decoder, with em.warm_langevin's chain)."""
-    if warm:
-      return posterior_sample(self.config, self.warm_decoder, params["warm_decoder"], x, z0,
-                              key, num_steps or self.config.em.warm_langevin.num_steps, beta,
-                              langevin=self.config.em.warm_langevin)
-    return posterior_sample(self.config, self.decoder, params["decoder"], x, z0, key,
-                            num_steps, beta, z_start=z_start, curvature=curvature)
+    The module's `posterior_sample` on the stage's decoder with its chain (the "em" stage:
+    this method's decoder and em.langevin)."""
+    stage = self.stage_of(stage)
+    if stage.chain_decoder == "decoder":
+      return posterior_sample(self.config, self.decoder, params["decoder"], x, z0, key,
+                              num_steps, beta, z_start=z_start, curvature=curvature)
+    return posterior_sample(self.config, self.warm_decoder, params[stage.chain_decoder], x, z0,
+                            key, num_steps or stage.langevin.num_steps, beta,
+                            langevin=stage.langevin)
 
   def latents(self, params, x: Array, key: Array, num_steps: int | None = None,
-              beta: float | Array | None = None, warm: bool = False,
+              beta: float | Array | None = None, stage: Stage | str | None = None,
               resume: tuple[Array, Array, Array] | None = None) -> dict[str, Array]:
     """z⁰ from the encoder and z^K after `num_steps` Langevin steps (the E-step's
     em.langevin.num_steps by default; num_steps=0: z^K = z⁰ and no diagnostics) at temperature
-    β (em.beta by default) from z⁰, with the chain's diagnostics (warm=True: the chain on the
-    gaussian warm-up decoder). resume = (z_prev (B, d), seen (B,) bool, curvature (B, d)):
+    β (em.beta by default) from z⁰, with the chain's diagnostics (stage: the `Stage` whose
+    chain runs, "em" by default). resume = (z_prev (B, d), seen (B,) bool, curvature (B, d)):
     persistent chains, which continue from z_prev where seen and start at z⁰ elsewhere, with
     the `diagonal` rule's curvature estimate (≤ 0: unknown). No gradients."""
     k_enc, k_chain = jax.random.split(key)
@@ -175,37 +169,38 @@ class DiffusionEncoder(encoders.DiffusionCodeMethod):
     if resume is not None:
       z_start = jnp.where(resume[1][:, None], jax.lax.stop_gradient(resume[0]), z0)
       curvature = resume[2]
-    zk, info = self.posterior_sample(params, x, z0, k_chain, num_steps, beta, warm, z_start,
+    zk, info = self.posterior_sample(params, x, z0, k_chain, num_steps, beta, stage, z_start,
                                      curvature)
     return {"z0": z0, "zK": zk, "info": info}
 
-  def e_step(self, state: TrainState, x: Array, key: Array, warm: bool = False,
+  def e_step(self, state: TrainState, x: Array, key: Array, stage: Stage | str | None = None,
              index: Array | None = None):
-    """One E-step on a batch x: returns (state, metrics, latents). warm=True: the chain runs
-    on the gaussian warm-up decoder (em.gaussian_warmup_rounds). index (B,): the examples'
-    train-split indices, for persistent chains (em.chain_slots): an example's chain continues
-    from its last z^K (outside the warm-up; its first visit starts at z⁰), and z^K is kept."""
+    """One E-step on a batch x: returns (state, metrics, latents). stage: the phase's `Stage`
+    ("em" by default; "gaussian_warmup": the chain on the auxiliary gaussian decoder).
+    index (B,): the examples' train-split indices, for persistent chains (em.chain_slots): an
+    example's chain continues from its last z^K (where the stage continues chains; its first
+    visit starts at z⁰), and z^K is kept (where the stage fills them)."""
+    stage = self.stage_of(stage)
     k_lat, k_enc = jax.random.split(key)
     chains, resume = state.opt_state.get("chains"), None
     if chains is not None:
       slot = index % self.chain_slots
-      if not warm:
+      if stage.continue_chains:
         resume = (chains["z"][slot], chains["visits"][slot] > 0, chains["curvature"][slot])
-    beta = schedules.beta_at(self.config.em, state.step)
-    if warm and self.config.em.get("warm_beta", 0.0):
-      beta = self.config.em.warm_beta
-    lat = self.latents(state.params, x, k_lat, beta=beta, warm=warm, resume=resume)
+    beta = stage.beta or schedules.beta_at(self.config.em, state.step)
+    lat = self.latents(state.params, x, k_lat, beta=beta, stage=stage, resume=resume)
     zk = lat["zK"]
     chain_metrics = {}
     if chains is not None:
-      curv = chains["curvature"]
-      if not warm:  # a running mean of the chain's (∇log π)²: the `diagonal` rule's curvature
-        curv = curv.at[slot].set(running_curvature(curv[slot], lat["info"].grad_sq,
-                                                   self.config.em.curvature_decay))
-      chains = {"z": chains["z"].at[slot].set(zk), "visits": chains["visits"].at[slot].add(1),
-                "curvature": curv}
+      if stage.fills_chains:
+        curv = chains["curvature"]
+        if stage.continue_chains:  # a running mean of (∇log π)²: the `diagonal` rule's
+          curv = curv.at[slot].set(running_curvature(curv[slot], lat["info"].grad_sq,
+                                                     self.config.em.curvature_decay))
+        chains = {"z": chains["z"].at[slot].set(zk),
+                  "visits": chains["visits"].at[slot].add(1), "curvature": curv}
+        state = state.replace(opt_state={**state.opt_state, "chains": chains})
       chain_metrics["chain_visits"] = jnp.mean(chains["visits"][slot].astype(jnp.float32))
-      state = state.replace(opt_state={**state.opt_state, "chains": chains})
 
     # a few updates at most: a trace-time loop, because XLA:CPU runs the conv trunk inside a
     # loop body (scan/while, even unrolled) about twice as slowly as at top level
@@ -247,16 +242,17 @@ class DiffusionEncoder(encoders.DiffusionCodeMethod):
 
   # --- M-step --------------------------------------------------------------------------
   def m_step(self, state: TrainState, x: Array, latents: dict[str, Array], key: Array,
-             warm: bool = False):
-    """One M-step: θ ← NLL_θ(x|z^K) + λ_align NLL_θ(x|z⁰). Returns (state, metrics).
-    warm=True: the gaussian warm-up decoder takes that step on its own NLL, and the diffusion
-    decoder one on its loss at z^K alone."""
+             stage: Stage | str | None = None):
+    """One M-step: θ ← NLL_θ(x|z^K) + λ_align NLL_θ(x|z⁰) (λ_align the stage's). Returns
+    (state, metrics). Where the stage's chain runs on another decoder (the gaussian warm-up's),
+    that decoder takes the same step on its own NLL, with em.align_weight."""
+    stage = self.stage_of(stage)
     lam = self.config.em.align_weight
     k_k, k_0 = jax.random.split(key)
     metrics = {}
     if self.warm_decoder is not None:
       loss_w = jnp.zeros(())
-      if warm:
+      if stage.chain_decoder == "warm_decoder":
         def warm_loss(p):
           loss = self.warm_decoder.loss(p, x, latents["zK"], k_k).mean()
           return loss + lam * self.warm_decoder.loss(p, x, latents["z0"], k_0).mean()
@@ -264,9 +260,7 @@ class DiffusionEncoder(encoders.DiffusionCodeMethod):
         state = self.apply_update(state, "warm_decoder", self.dec_opt, grads)
       metrics["warm_dec_loss"] = loss_w
 
-    # in the gaussian warm-up the diffusion decoder learns on z^K alone (z⁰ is close to it
-    # there, and each of its loss terms costs a forward and backward pass of the denoiser)
-    lam_dec = 0.0 if warm else lam
+    lam_dec = stage.align_weight
 
     def loss_fn(dec_params):
       loss_k = self.decoder.loss(dec_params, x, latents["zK"], k_k).mean()
@@ -279,69 +273,37 @@ class DiffusionEncoder(encoders.DiffusionCodeMethod):
     return state, {"dec_loss_zK": loss_k, "dec_loss_z0": jnp.asarray(loss_0), **metrics}
 
   # --- one round -----------------------------------------------------------------------
-  def em_round(self, state: TrainState, xs: Array, key: Array, warm: bool = False,
-               index: Array | None = None):
+  def em_round(self, state: TrainState, xs: Array, key: Array,
+               stage: Stage | str | None = None, index: Array | None = None):
     """e_updates E-steps, one per batch of xs (E, B, ...), then m_updates M-steps reusing
-    those batches' latents in turn. Returns (state, metrics); the step is not advanced.
-    warm=True: a round of the gaussian warm-up (em.gaussian_warmup_rounds). index (E, B):
-    the examples' train-split indices (persistent chains)."""
+    those batches' latents in turn, both of the `Stage` given ("em" by default). Returns
+    (state, metrics); the step is not advanced. index (E, B): the examples' train-split
+    indices (persistent chains)."""
+    stage = self.stage_of(stage)
     # e_updates and m_updates are small config integers: trace-time loops (see e_step)
     num_e = xs.shape[0]
     e_metrics, lats = [], []
     for i in range(num_e):
-      state, metrics, lat = self.e_step(state, xs[i], jax.random.fold_in(key, i), warm,
+      state, metrics, lat = self.e_step(state, xs[i], jax.random.fold_in(key, i), stage,
                                         None if index is None else index[i])
       e_metrics.append(metrics)
       lats.append(lat)
     m_metrics = []
     for i in range(self.config.em.m_updates):
       state, metrics = self.m_step(state, xs[i % num_e], lats[i % num_e],
-                                   jax.random.fold_in(key, num_e + i), warm)
+                                   jax.random.fold_in(key, num_e + i), stage)
       m_metrics.append(metrics)
     return state, {**_mean(e_metrics), **_mean(m_metrics)}
 
   def joint_round(self, state: TrainState, xs: Array, key: Array):
-    """The warm-up's round (em.joint_warmup_rounds): per batch of xs one joint update of the
-    encoder and decoder, DiffAE-style: the decoder's training loss on the encoder's
-    deterministic code z⁰ (`encode(..., deterministic=True)`: DDIM with η = 0 from z_1 = 0),
-    its gradient reaching φ through the sampler's steps, plus the encoder's denoising loss on
-    stop_gradient(z⁰), which teaches q_φ(·|x) to concentrate at that code. It makes z
-    informative before EM starts: EM from a decoder that ignores z stays there
-    (docs/method.md §4, which also has what the encoder's ancestral sample did instead).
-    Returns (state, metrics)."""
-    em_ = self.config.em
-    metrics = []
-    for i in range(xs.shape[0]):
-      x = xs[i]
-      k_enc, k_dec, k_den = jax.random.split(jax.random.fold_in(key, i), 3)
-
-      def loss_fn(params):
-        z0 = self.encode(params["encoder"], x, k_enc, num_steps=em_.joint_code_steps or None,
-                         deterministic=True)
-        dec = self.decoder.loss(params["decoder"], x, z0, k_dec).mean()
-        enc = self.encoder_loss(params["encoder"], x, jax.lax.stop_gradient(z0), k_den)
-        return dec + em_.joint_denoise_weight * enc, (dec, enc, z0)
-
-      grads, (dec, enc, z0) = jax.grad(loss_fn, has_aux=True)(state.params)
-      state = self.apply_update(state, "encoder", self.enc_opt, grads["encoder"])
-      state = self.apply_update(state, "decoder", self.dec_opt, grads["decoder"])
-      if self.prior is not None:
-        state, _ = self.prior_step(state, jax.lax.stop_gradient(z0), jax.random.fold_in(k_den, 1))
-      metrics.append({"enc_loss": enc, "dec_loss_z0": dec,
-                      "z0_norm2": jnp.mean(jnp.sum(jnp.square(z0), -1))})
-    return state, _mean(metrics)
+    """The joint warm-up's round (em.joint_warmup_rounds): `phases.joint_round`."""
+    return phases.joint_round(self, state, xs, key)
 
   def phase_at(self, step: int) -> str:
-    """The form of round `step` (a Python int): "gaussian_warmup" while step <
-    em.gaussian_warmup_rounds (with a diffusion decoder), "joint_warmup" while step <
-    em.joint_warmup_rounds, "em" after. The trainer compiles one program per phase
+    """The phase of round `step` (a Python int; `phases.phase_at`). The trainer compiles one program per phase
     (`train_round(..., phase=...)`) rather than one with a `lax.cond` over the forms, which
     slows the EM round (docs/recipes.md, "One program per phase")."""
-    if self.warm_decoder is not None and step < self.config.em.gaussian_warmup_rounds:
-      return "gaussian_warmup"
-    if step < self.config.em.joint_warmup_rounds:
-      return "joint_warmup"
-    return "em"
+    return phases.phase_at(self.config, step, gaussian_warmup=self.warm_decoder is not None)
 
   def train_round(self, state: TrainState, xs: Array, key: Array, index: Array | None = None,
                   phase: str | None = None):
@@ -363,7 +325,7 @@ class DiffusionEncoder(encoders.DiffusionCodeMethod):
       if shift:  # em.warm_shift: the warm-up's rounds on shifted images
         k_shift, k_round = jax.random.split(key)
         xs_w = data.random_shift(k_shift, xs, shift)
-      return self.em_round(state, xs_w, k_round, warm=True, index=index)
+      return self.em_round(state, xs_w, k_round, "gaussian_warmup", index=index)
 
     def joint_warmup(state):
       em_metrics = jax.eval_shape(em, state)[1]

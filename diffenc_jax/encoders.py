@@ -4,18 +4,30 @@ An encoder holds its network and its static settings, and offers pure functions 
 parameters:
 
     params = enc.init(key)
-    z0 = enc.encode(params, x, key)                  # (B, d) a code of x (B, ...)
-    loss = enc.loss(params, x, z, key)               # scalar: its training loss on pairs (x, z)
+    z0 = enc.encode(params, x, key)                  # (B, d) its code of x (B, ...)
+    z = enc.train_code(params, x, key)               # (B, d) the code a loss through it sees
     rate = enc.rate(params, x, z0, key, n)           # (B,) nats: the KL to the prior of ...
     zq = enc.rate_latent(params, x, z0, key)         # (B, d) ... this variable (same key)
+    z = enc.sample_prior(key, n)                     # (n, d) codes from its prior
 
     LatentDiffusionEncoder  q_φ(z|x) a latent diffusion conditioned on image features
-                            (`models.LatentDenoiser`): encode by latent DDIM, loss the denoising
-                            loss on (x, z), rate the diffusion KL (`path_rate`, `losses`)
-    DiffusionCodeMethod     what a method holding that piece as `self.q` offers of it
+                            (`models.LatentDenoiser`): encode by latent DDIM, `loss` the
+                            denoising loss on (x, z), rate the diffusion KL (`path_rate`)
+    GaussianEncoder         N(μ(x), diag σ²(x)) (`models.MeanLogVarEncoder`): encode μ,
+                            train_code a reparameterised sample, rate the analytic KL
+    DeterministicEncoder    z = E(x) (`models.ConvEncoder`, or `models.ResNetEncoder` with
+                            diffae.encoder='resnet'): rate +∞
+    BernoulliEncoder        d bits of `models.ConvEncoder` logits: relaxed in training
+                            (dmz.temperature, straight_through), hard 1[logits > 0] otherwise;
+                            rate d ln 2 against Bernoulli(½)^d
+    PIECES                  the table of them by kind (`methods.TABLE`'s encoder column)
+    DiffusionCodeMethod     what a method holding the latent diffusion piece as `self.q`
+                            offers of it
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +42,27 @@ class LatentDiffusionEncoder:
   image features h(x) (`models.LatentDenoiser`: model.enc_channels, enc_features, enc_hidden,
   enc_blocks; its output a model.enc_parameterization prediction), sampled by latent DDIM
   (config.encoder_sampler)."""
+
+  @staticmethod
+  def validate(config) -> None:
+    """Raises ValueError with one line on a bad config of the latent diffusion encoder
+    (model.enc_parameterization, enc_weighting; encoder_sampler; em.encoder_noise_draws)."""
+    m, s = config.model, config.encoder_sampler
+
+    def require(ok, message):
+      if not ok:
+        raise ValueError(message)
+
+    require(m.enc_parameterization in losses.PARAMETERIZATIONS,
+            f"unknown model.enc_parameterization {m.enc_parameterization!r}; "
+            f"choose one of {losses.PARAMETERIZATIONS}")
+    require(m.enc_weighting in losses.WEIGHTINGS,
+            f"unknown model.enc_weighting {m.enc_weighting!r}; choose one of {losses.WEIGHTINGS}")
+    require(s.num_steps >= 1, f"encoder_sampler.num_steps must be >= 1, got {s.num_steps}")
+    require(0 <= s.eta <= 1, f"encoder_sampler.eta must be in [0, 1], got {s.eta}")
+    require(s.clip > 0, f"encoder_sampler.clip must be > 0, got {s.clip}")
+    require(config.em.encoder_noise_draws >= 1,
+            f"em.encoder_noise_draws must be >= 1, got {config.em.encoder_noise_draws}")
 
   def __init__(self, config, data_shape: tuple[int, ...]):
     m = config.model
@@ -69,6 +102,14 @@ class LatentDiffusionEncoder:
                                 self.schedule, num_steps or s.num_steps,
                                 eta=0.0 if deterministic else s.eta, clip=s.clip,
                                 x_init=jnp.zeros(shape) if deterministic else None)
+
+  def train_code(self, params, x: Array, key: Array) -> Array:
+    """z⁰ ~ q_φ(·|x) by latent DDIM (`encode`), differentiable in φ through the sampler."""
+    return self.encode(params, x, key)
+
+  def sample_prior(self, key: Array, n: int) -> Array:
+    """n codes (n, d) from the prior N(0, I)."""
+    return jax.random.normal(key, (n, self.latent_dim))
 
   def loss(self, params, x: Array, z: Array, key: Array) -> Array:
     """Mean denoising loss of the encoder on the pairs (x, z), averaged over
@@ -119,25 +160,152 @@ class LatentDiffusionEncoder:
     return alpha0 * z0 + sigma0 * jax.random.normal(key, z0.shape, z0.dtype)
 
 
-def validate(config) -> None:
-  """Raises ValueError with one line on a bad config of the latent diffusion encoder
-  (model.enc_parameterization, enc_weighting; encoder_sampler; em.encoder_noise_draws)."""
-  m, s = config.model, config.encoder_sampler
+class _Network:
+  """What the one-network encoders share: `init` of the network on a zero image of data_shape
+  and the prior N(0, I)."""
 
-  def require(ok, message):
-    if not ok:
-      raise ValueError(message)
+  network = None
 
-  require(m.enc_parameterization in losses.PARAMETERIZATIONS,
-          f"unknown model.enc_parameterization {m.enc_parameterization!r}; "
-          f"choose one of {losses.PARAMETERIZATIONS}")
-  require(m.enc_weighting in losses.WEIGHTINGS,
-          f"unknown model.enc_weighting {m.enc_weighting!r}; choose one of {losses.WEIGHTINGS}")
-  require(s.num_steps >= 1, f"encoder_sampler.num_steps must be >= 1, got {s.num_steps}")
-  require(0 <= s.eta <= 1, f"encoder_sampler.eta must be in [0, 1], got {s.eta}")
-  require(s.clip > 0, f"encoder_sampler.clip must be > 0, got {s.clip}")
-  require(config.em.encoder_noise_draws >= 1,
-          f"em.encoder_noise_draws must be >= 1, got {config.em.encoder_noise_draws}")
+  def __init__(self, config, data_shape: tuple[int, ...]):
+    self.config = config
+    self.data_shape = tuple(data_shape)
+    self.latent_dim = config.model.latent_dim
+
+  def init(self, key: Array):
+    return self.network.init(key, jnp.zeros((1,) + self.data_shape))
+
+  def sample_prior(self, key: Array, n: int) -> Array:
+    """n codes (n, d) from the prior N(0, I)."""
+    return jax.random.normal(key, (n, self.latent_dim))
+
+  def rate_latent(self, params, x: Array, z0: Array, key: Array) -> Array:
+    """The variable whose KL `rate` reports: the code z0 itself."""
+    del params, x, key
+    return z0
+
+
+class GaussianEncoder(_Network):
+  """q(z|x) = N(μ(x), diag e^{log_var(x)}) by `models.MeanLogVarEncoder(model.enc_channels,
+  model.enc_features)`; prior N(0, I)."""
+
+  def __init__(self, config, data_shape: tuple[int, ...]):
+    super().__init__(config, data_shape)
+    m = config.model
+    self.network = models.MeanLogVarEncoder(m.latent_dim, tuple(m.enc_channels), m.enc_features)
+
+  def moments(self, params, x: Array) -> tuple[Array, Array]:
+    """(μ(x), log σ²(x)), each (B, d)."""
+    return self.network.apply(params, x)
+
+  def encode(self, params, x: Array, key: Array | None = None, num_steps: int | None = None,
+             deterministic: bool = False) -> Array:
+    """The posterior mean μ(x) (B, d): its best single code."""
+    del key, num_steps, deterministic
+    return self.moments(params, x)[0]
+
+  def train_code(self, params, x: Array, key: Array) -> Array:
+    """A reparameterised sample z = μ + σ ε of q(z|x) (B, d)."""
+    mean, log_var = self.moments(params, x)
+    return mean + jnp.exp(0.5 * log_var) * jax.random.normal(key, mean.shape, mean.dtype)
+
+  def rate(self, params, x: Array, z0: Array, key: Array, num_samples: int) -> Array:
+    """KL(q(z|x) ‖ N(0, I)) per example (B,), nats, in closed form."""
+    del z0, key, num_samples
+    return losses.gaussian_kl(*self.moments(params, x))
+
+  def rate_latent(self, params, x: Array, z0: Array, key: Array) -> Array:
+    """The variable whose KL `rate` reports: a sample of q(z|x) (`train_code`)."""
+    del z0
+    return self.train_code(params, x, key)
+
+
+DETERMINISTIC_NETWORKS = ("conv", "resnet")
+
+
+class DeterministicEncoder(_Network):
+  """z = E(x): `models.ConvEncoder(model.enc_channels, model.enc_features)`, or with
+  diffae.encoder='resnet' `models.ResNetEncoder(diffae.resnet_*)` (DiffAE's semantic encoder).
+  Its rate is +∞: a deterministic code carries unbounded information about x."""
+
+  @staticmethod
+  def validate(config) -> None:
+    """Raises ValueError with one line on a bad choice of network (diffae.encoder)."""
+    name = config.diffae.encoder
+    if name not in DETERMINISTIC_NETWORKS:
+      raise ValueError(f"unknown diffae.encoder {name!r}; choose one of "
+                       f"{DETERMINISTIC_NETWORKS}")
+    if name == "resnet" and config.data.name == "toy2d":
+      raise ValueError("diffae.encoder='resnet' needs image data")
+
+  def __init__(self, config, data_shape: tuple[int, ...]):
+    super().__init__(config, data_shape)
+    self.validate(config)
+    m, d = config.model, config.diffae
+    if d.encoder == "resnet":
+      self.network = models.ResNetEncoder(
+          m.latent_dim, channels=d.resnet_channels, channel_mult=tuple(d.resnet_channel_mult),
+          num_res_blocks=d.resnet_num_res_blocks,
+          attn_resolutions=tuple(d.resnet_attn_resolutions))
+    else:
+      self.network = models.ConvEncoder(m.latent_dim, tuple(m.enc_channels), m.enc_features)
+
+  def encode(self, params, x: Array, key: Array | None = None, num_steps: int | None = None,
+             deterministic: bool = False) -> Array:
+    """z = E(x) (B, d)."""
+    del key, num_steps, deterministic
+    return self.network.apply(params, x)
+
+  def train_code(self, params, x: Array, key: Array | None = None) -> Array:
+    """z = E(x) (B, d)."""
+    return self.encode(params, x)
+
+  def rate(self, params, x: Array, z0: Array, key: Array, num_samples: int) -> Array:
+    """+∞ per example (B,)."""
+    del params, z0, key, num_samples
+    return jnp.full((x.shape[0],), jnp.inf)
+
+
+class BernoulliEncoder(_Network):
+  """d bits whose logits are `models.ConvEncoder(model.enc_channels, model.enc_features)`'s
+  output. Training codes are soft: z = sigmoid((logits + s L)/τ), L ~ Logistic(0, 1) (binary
+  concrete, τ = dmz.temperature, s = dmz.noise_scale), or with dmz.straight_through that sample
+  rounded to {0, 1} with its gradient; codes otherwise hard, 1[logits > 0]. Prior
+  Bernoulli(½)^d, so the rate is d ln 2 (what d bits can carry at most)."""
+
+  @staticmethod
+  def validate(config) -> None:
+    """Raises ValueError with one line on a bad relaxation (dmz.temperature)."""
+    if not config.dmz.temperature > 0:
+      raise ValueError(f"dmz.temperature must be > 0, got {config.dmz.temperature}")
+
+  def __init__(self, config, data_shape: tuple[int, ...]):
+    super().__init__(config, data_shape)
+    m = config.model
+    self.network = models.ConvEncoder(m.latent_dim, tuple(m.enc_channels), m.enc_features)
+
+  def encode(self, params, x: Array, key: Array | None = None, num_steps: int | None = None,
+             deterministic: bool = False) -> Array:
+    """Hard bits 1[logits > 0] (B, d)."""
+    del key, num_steps, deterministic
+    return models.hard_bernoulli(self.network.apply(params, x))
+
+  def train_code(self, params, x: Array, key: Array) -> Array:
+    """Relaxed bits (B, d) in (0, 1) (hard forward with dmz.straight_through)."""
+    d = self.config.dmz
+    soft = models.relaxed_bernoulli(key, self.network.apply(params, x), d.temperature,
+                                    d.noise_scale)
+    if d.straight_through:  # hard bits forward, the soft ones' gradient
+      return soft + jax.lax.stop_gradient(jnp.round(soft) - soft)
+    return soft
+
+  def rate(self, params, x: Array, z0: Array, key: Array, num_samples: int) -> Array:
+    """d ln 2 per example (B,), nats."""
+    del params, z0, key, num_samples
+    return jnp.full((x.shape[0],), self.latent_dim * math.log(2.0))
+
+  def sample_prior(self, key: Array, n: int) -> Array:
+    """n codes (n, d) from the prior Bernoulli(½)^d."""
+    return jax.random.bernoulli(key, 0.5, (n, self.latent_dim)).astype(jnp.float32)
 
 
 class DiffusionCodeMethod:
@@ -183,3 +351,11 @@ class DiffusionCodeMethod:
     if self.prior is not None:
       return self.prior.sample(params["prior"], key, n, params.get("zstats"))
     return jax.random.normal(key, (n, self.latent_dim))
+
+
+PIECES = {
+    "diffusion": LatentDiffusionEncoder,
+    "gaussian": GaussianEncoder,
+    "deterministic": DeterministicEncoder,
+    "bernoulli": BernoulliEncoder,
+}

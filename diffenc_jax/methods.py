@@ -38,12 +38,7 @@ class Entry(NamedTuple):
                  # never load another's)
 
 
-ENCODERS = {
-    "diffusion": "q_φ(z|x) a latent diffusion conditioned on x (encoders.LatentDiffusionEncoder)",
-    "gaussian": "N(μ(x), diag σ²(x)), reparameterised (models.GaussianEncoder)",
-    "deterministic": "z = E(x) (models.DeterministicEncoder or ResNetEncoder)",
-    "bernoulli": "d bits, relaxed in training, hard at evaluation (models.BernoulliEncoder)",
-}
+ENCODERS = encoders.PIECES  # kind → the encoder piece (encoders.LatentDiffusionEncoder, ...)
 RULES = {
     "em": "EM rounds: E-steps (Langevin on π_β from the encoder's z⁰, the encoder's denoising "
           "update on z^K), then M-steps of the decoder on z^K (em.DiffusionEncoder.train_round)",
@@ -76,15 +71,14 @@ def get_method(config, data_shape: tuple[int, ...]):
 
 def validate(config) -> None:
   """The checks of config.method's pieces in turn, each of its own section: its decoder
-  (`decoders.validate`, and that the method runs with it), its encoder (`encoders.validate` for
-  the latent diffusion encoder), then the method's own (`cls.validate`, where it has one).
+  (`decoders.validate`, and that the method runs with it), its encoder (the piece's `validate`,
+  where it has one), then the method's own (`cls.validate`, where it has one).
   Raises ValueError with one line."""
   entry = TABLE[config.method]
   if entry.decoder not in ("any", config.model.decoder):
     raise ValueError(f"method {config.method!r} needs model.decoder={entry.decoder!r}")
   decoders.validate(config)
-  if entry.encoder == "diffusion":
-    encoders.validate(config)
-  own = getattr(method_class(config.method), "validate", None)
-  if own is not None:
-    own(config)
+  for piece in (ENCODERS[entry.encoder], method_class(config.method)):
+    check = getattr(piece, "validate", None)
+    if check is not None:
+      check(config)

@@ -100,7 +100,7 @@ def test_dmz_bits_are_soft_in_training_and_hard_at_eval(tmp_path):
     k_lat, k_code, k_prior = jax.random.split(key, 3)
     z0 = method.latents(params, x, k_lat)["z0"]
     return (z0, method.rate(params, x, z0, k_lat, 2),
-            method.code(params["encoder"], x, k_code, train=True),
+            method.q.train_code(params["encoder"], x, k_code),
             method.sample_latents(params, k_prior, 64))
 
   z0, rate, soft, samples = (np.asarray(a) for a in outputs(state.params, jax.random.key(0)))

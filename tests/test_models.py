@@ -15,9 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffenc_jax.models import (BernoulliEncoder, DeterministicEncoder, GaussianEncoder,
-                                LatentDenoiser, MeanDecoder, ResNetEncoder, UNetDecoder,
-                                hard_bernoulli, relaxed_bernoulli)
+from diffenc_jax.models import (ConvEncoder, LatentDenoiser, MeanDecoder, MeanLogVarEncoder,
+                                ResNetEncoder, UNetDecoder, hard_bernoulli, relaxed_bernoulli)
 from diffenc_jax.models.layers import AttentionBlock, sinusoidal_embedding
 
 # The test programs are tiny, so XLA compile time dominates the runtime: on CPU, -O0 without
@@ -131,10 +130,9 @@ def test_latent_denoiser(x_shape):
 # --- encoders ----------------------------------------------------------------------------
 
 ENCODER_CASES = [
-    (GaussianEncoder, (28, 28, 1)), (DeterministicEncoder, (28, 28, 1)),
-    (BernoulliEncoder, (28, 28, 1)), (GaussianEncoder, (32, 32, 3)),
-    (DeterministicEncoder, (32, 32, 3)), (BernoulliEncoder, (32, 32, 3)),
-    (GaussianEncoder, (2,)), (BernoulliEncoder, (2,)),
+    (MeanLogVarEncoder, (28, 28, 1)), (ConvEncoder, (28, 28, 1)),
+    (MeanLogVarEncoder, (32, 32, 3)), (ConvEncoder, (32, 32, 3)),
+    (MeanLogVarEncoder, (2,)), (ConvEncoder, (2,)),
 ]
 
 
@@ -146,7 +144,7 @@ def test_encoders(cls, x_shape):
   loss = lambda p: (lambda out: (sum(jnp.sum(o ** 2) for o in jax.tree.leaves(out)), out))(
       model.apply(p, x))
   (_, out), grads = jit(jax.value_and_grad(loss, has_aux=True))(params)
-  if cls is GaussianEncoder:
+  if cls is MeanLogVarEncoder:
     assert out[0].shape == out[1].shape == (B, D)
   else:
     assert out.shape == (B, D)

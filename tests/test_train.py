@@ -827,7 +827,7 @@ def test_persistent_chains_continue_where_they_stopped_and_resume_bitwise(tmp_pa
   state = state.replace(opt_state={**state.opt_state, "chains": chains})
   x = jax.random.uniform(jax.random.key(1), (8, 28, 28, 1), minval=-1.0)
   e_step = jax.jit(method.e_step, static_argnums=3)
-  state, _, lat = e_step(state, x, jax.random.key(2), False, index)
+  state, _, lat = e_step(state, x, jax.random.key(2), "em", index)
   np.testing.assert_allclose(lat["zK"][:4], planted, atol=0.01)  # continued from the plant
   np.testing.assert_allclose(lat["zK"][4:], lat["z0"][4:], atol=0.01)  # first visits: from z⁰
   chains = state.opt_state["chains"]

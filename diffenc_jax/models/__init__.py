@@ -4,16 +4,15 @@ losses and samplers are `diffenc_jax.decoders`."""
 
 from diffenc_jax.models.decoders import CONDITIONINGS, MeanDecoder, UNetDecoder
 from diffenc_jax.models.dit import DiTDenoiser
-from diffenc_jax.models.encoders import (BernoulliEncoder, DeterministicEncoder, GaussianEncoder,
-                                         ResNetEncoder, hard_bernoulli, relaxed_bernoulli)
+from diffenc_jax.models.encoders import (ConvEncoder, MeanLogVarEncoder, ResNetEncoder,
+                                         hard_bernoulli, relaxed_bernoulli)
 from diffenc_jax.models.latent_denoiser import LatentDenoiser, LatentPrior
 
 __all__ = [
     "CONDITIONINGS",
-    "BernoulliEncoder",
-    "DeterministicEncoder",
+    "ConvEncoder",
     "DiTDenoiser",
-    "GaussianEncoder",
+    "MeanLogVarEncoder",
     "LatentDenoiser",
     "LatentPrior",
     "MeanDecoder",

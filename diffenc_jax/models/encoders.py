@@ -1,8 +1,9 @@
-"""Baseline encoders (VAE, DiffAE, DMZ) and the Bernoulli relaxations used by DMZ.
+"""The baselines' encoder networks and the Bernoulli relaxations; the encoders as pieces
+(VAE's gaussian, DiffAE's deterministic, DMZ's bits) are `diffenc_jax.encoders`.
 
-The three small encoders share the ConvTrunk of layers.py (an MLP for vector data) and
-differ only in their head. `ResNetEncoder` is a deeper, drop-in replacement for
-`DeterministicEncoder` that can express DiffAE's 64×64 semantic encoder.
+The two small networks share the ConvTrunk of layers.py (an MLP for vector data) and differ
+only in their head. `ResNetEncoder` is a deeper, drop-in replacement for `ConvEncoder` that can
+express DiffAE's 64×64 semantic encoder.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from diffenc_jax.models.layers import (AttentionBlock, Conv, ConvTrunk, Downsamp
                                        group_norm)
 
 
-class GaussianEncoder(nn.Module):
-  """VAE encoder: x (B, H, W, C) or (B, D) → (mean (B, d), log_var (B, d))."""
+class MeanLogVarEncoder(nn.Module):
+  """The gaussian encoder's network: x (B, H, W, C) or (B, D) → (mean (B, d), log_var (B, d))."""
 
   latent_dim: int
   channels: Sequence[int] = (32, 64)
@@ -29,8 +30,8 @@ class GaussianEncoder(nn.Module):
     return nn.Dense(self.latent_dim, name="mean")(h), nn.Dense(self.latent_dim, name="log_var")(h)
 
 
-class DeterministicEncoder(nn.Module):
-  """DiffAE semantic encoder: x (B, H, W, C) or (B, D) → z (B, d)."""
+class ConvEncoder(nn.Module):
+  """One vector per image: x (B, H, W, C) or (B, D) → (B, d) (DiffAE's code, DMZ's logits)."""
 
   latent_dim: int
   channels: Sequence[int] = (32, 64)
@@ -39,13 +40,6 @@ class DeterministicEncoder(nn.Module):
   @nn.compact
   def __call__(self, x):
     return nn.Dense(self.latent_dim)(ConvTrunk(self.channels, self.features)(x))
-
-
-class BernoulliEncoder(DeterministicEncoder):
-  """DMZ encoder: x (B, H, W, C) or (B, D) → logits (B, d) of d independent Bernoulli bits.
-
-  The network is DeterministicEncoder's; its output is read as logits.
-  """
 
 
 class ResNetEncoder(nn.Module):
