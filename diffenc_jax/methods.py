@@ -1,9 +1,10 @@
 """The methods the training program can run, behind one interface.
 
 Each method is an encoder q(z|x) × a decoder p(x|z) × a training rule: `TABLE` below, with
-`ENCODERS` and `RULES` saying what each kind is; the decoder is `decoders.build` from
-config.model.decoder. A method is an object built from `(config, data_shape)` that holds only static things
-(networks, schedules, optimisers) and offers pure, jittable functions:
+`ENCODERS` (the encoder pieces of `diffenc_jax.encoders` by kind) and `RULES` (what each rule
+does); the decoder is `decoders.build` from config.model.decoder. A method is an object built
+from `(config, data_shape)` that holds only static things (networks, schedules, optimisers)
+and offers pure, jittable functions:
 
     state = method.init_state(key)                              # train_state.TrainState
     state, metrics = method.train_round(state, xs, key)         # xs (E, B, ...) → scalar metrics
