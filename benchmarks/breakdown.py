@@ -148,7 +148,8 @@ def diffenc_parts(method, state, xs: jax.Array) -> list[Part]:
 
   def precision(dec, x, z):
     fn = method.decoder.precision_fn(dec, x, key, beta,
-                                     prior_precision=1.0 + config.em.prox_weight)
+                                     prior_precision=1.0 + config.em.prox_weight,
+                                     estimator=config.em.langevin)
     return fn(z)
 
   def factor(h):

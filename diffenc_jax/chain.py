@@ -56,10 +56,11 @@ def posterior_sample(config, decoder, dec_params, x: Array, z0: Array, key: Arra
   # estimate whose (t, ε) draws are fixed for the whole chain (U deterministic along it), or,
   # with langevin.fresh_draws, drawn anew at every step (stochastic-gradient Langevin)
   fresh = lv.get("fresh_draws", False) and decoder.kind == "diffusion"
-  nll = None if fresh else decoder.energy_fn(dec_params, x, k_nll, z_start)
+  nll = None if fresh else decoder.energy_fn(dec_params, x, k_nll, z_start, estimator=lv)
 
   def log_density(z, k=None):
-    energy = decoder.energy_fn(dec_params, x, k, z_start)(z) if fresh else nll(z)
+    energy = (decoder.energy_fn(dec_params, x, k, z_start, estimator=lv)(z) if fresh
+              else nll(z))
     log_p = -energy / beta - 0.5 * jnp.sum(z**2, -1)
     if em.prox_weight:
       log_p -= 0.5 * em.prox_weight * jnp.sum((z - z0) ** 2, -1)
@@ -68,7 +69,7 @@ def posterior_sample(config, decoder, dec_params, x: Array, z0: Array, key: Arra
   precision_fn = None
   if lv.step_rule == "gauss_newton":
     precision_fn = decoder.precision_fn(dec_params, x, k_pre, beta,
-                                        prior_precision=1.0 + em.prox_weight)
+                                        prior_precision=1.0 + em.prox_weight, estimator=lv)
   # XLA:CPU runs convolutions inside a loop body several times slower than at top level
   # (benchmarks/langevin.py): on a CPU, a conv decoder's chain is unrolled
   unroll = True if decoder.convolutional and jax.default_backend() == "cpu" else 1

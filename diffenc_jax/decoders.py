@@ -5,10 +5,14 @@ parameters:
 
     params = dec.init(key)
     nll = dec.nll(params, x, z, key)            # (B,) −log p_θ(x|z) in nats, or its ELBO bound
-    energy = dec.energy_fn(params, x, key, z0)  # z ↦ (B,) the E-step's −log p_θ(x|z) + const
-    prec = dec.precision_fn(params, x, key, β, c)  # z ↦ (B, d, d) Gauss-Newton precision of U
+    energy = dec.energy_fn(params, x, key, z0, estimator=lv)     # z ↦ (B,) the E-step's U(z)
+    prec = dec.precision_fn(params, x, key, β, c, estimator=lv)  # z ↦ (B, d, d) its precision
     loss = dec.loss(params, x, z, key)          # (B,) the training loss of the decoder
     x_hat = dec.decode(params, z, key)          # (B, ...) a reconstruction / sample given z
+
+U(z) is −log p_θ(x|z) up to a constant, H its Gauss-Newton precision; the diffusion decoder
+estimates both as the E-step's chain says (`estimator` lv, an em.langevin-like section: its
+draws, proposal, noise levels), so the decoder reads no section of the E-step's own.
 
     GaussianDecoder   p(x|z) = N(μ_θ(z), σ_x² I): `mean`; NLL exact; loss = NLL (with dropout)
     DiffusionDecoder  a z-conditioned image diffusion with a U-Net or a transformer denoiser:
@@ -61,16 +65,17 @@ class GaussianDecoder:
     del key
     return losses.gaussian_nll(x, self.mean(params, z), self.sigma_x)
 
-  def energy_fn(self, params, x: Array, key: Array | None = None, z_ref: Array | None = None):
+  def energy_fn(self, params, x: Array, key: Array | None = None, z_ref: Array | None = None,
+                estimator=None):
     """z (B, d) ↦ −log p_θ(x|z) (B,), the E-step's energy: the exact NLL."""
-    del key, z_ref
+    del key, z_ref, estimator
     return lambda z: self.nll(params, x, z)
 
   def precision_fn(self, params, x: Array, key: Array | None, beta: float,
-                   prior_precision: float):
+                   prior_precision: float, estimator=None):
     """z ↦ H (B, d, d) = JᵀJ/(σ_x² β) + prior_precision · I, J = ∂μ_θ/∂z
     (`samplers.gauss_newton_precision`)."""
-    del x, key
+    del x, key, estimator
     return samplers.gauss_newton_precision(lambda z: self.mean(params, z), self.sigma_x, beta,
                                            prior_precision=prior_precision)
 
@@ -148,24 +153,27 @@ class DiffusionDecoder:
     """ε̂(x_t, t, z), the form `diffenc_jax.posterior` takes."""
     return lambda x_t, t, z: self.eps_fn(params, z)(x_t, t)
 
-  def energy_fn(self, params, x: Array, key: Array, z_ref: Array | None = None):
+  def energy_fn(self, params, x: Array, key: Array, z_ref: Array | None = None, *,
+                estimator):
     """z (B, d) ↦ the ELBO's diffusion term (B,), −log p_θ(x|z) up to a constant in z, with
-    (λ, ε) drawn once from key and shared by every call (a deterministic U along a chain):
-    em.langevin.mc_samples draws, stratified, antithetic (langevin.antithetic), λ from
-    langevin.proposal (centre / scale langevin.log_snr_center / log_snr_scale) with importance
-    weights, and with langevin.control_variate the SVRG correction at z_ref
-    (langevin.reference_samples draws). `posterior.diffusion_nll_fn`."""
-    lv = self.config.em.langevin
+    (λ, ε) drawn once from key and shared by every call (a deterministic U along a chain). The
+    estimator's settings are the chain's (`estimator`, an em.langevin-like section): mc_samples
+    draws, stratified, antithetic (antithetic), λ from proposal (centre / scale log_snr_center /
+    log_snr_scale) with importance weights, and with control_variate the SVRG correction at
+    z_ref (reference_samples draws). `posterior.diffusion_nll_fn`."""
+    lv = estimator
     return posterior.diffusion_nll_fn(
         self._eps3(params), x, key, self.schedule, num_samples=lv.mc_samples,
         proposal=lv.proposal, antithetic=lv.antithetic, log_snr_center=lv.log_snr_center,
         log_snr_scale=lv.log_snr_scale,
         z_ref=z_ref if lv.control_variate else None, reference_samples=lv.reference_samples)
 
-  def precision_fn(self, params, x: Array, key: Array, beta: float, prior_precision: float):
+  def precision_fn(self, params, x: Array, key: Array, beta: float, prior_precision: float,
+                   *, estimator):
     """z ↦ H (B, d, d): the Gauss-Newton precision of U from the denoiser's Jacobian in z at
-    em.langevin.gn_levels noise levels (`posterior.diffusion_gauss_newton_precision`)."""
-    lv = self.config.em.langevin
+    the chain's `estimator.gn_levels` noise levels around `estimator.log_snr_center`
+    (`posterior.diffusion_gauss_newton_precision`)."""
+    lv = estimator
     return posterior.diffusion_gauss_newton_precision(
         self._eps3(params), x, key, self.schedule, beta=beta, prior_precision=prior_precision,
         num_levels=lv.gn_levels, log_snr_center=lv.log_snr_center)

@@ -126,7 +126,8 @@ def reference_chain(config, decoder, dec_params, x: Array, z_init: Array, key: A
   Returns z (B, d)."""
   beta = config.em.beta if beta is None else beta
   k_pre, k_chain = jax.random.split(key)
-  h = jax.lax.stop_gradient(decoder.precision_fn(dec_params, x, k_pre, beta, 1.0)(h_at))
+  h = jax.lax.stop_gradient(decoder.precision_fn(dec_params, x, k_pre, beta, 1.0,
+                                                 estimator=config.em.langevin)(h_at))
   fresh = decoder.kind == "diffusion"
 
   def log_density(z, k=None):
