@@ -245,12 +245,14 @@ def test_gaussian_warmup_rounds_then_diffusion_em():
 def test_gaussian_warmup_has_its_own_beta_and_shifts():
   """em.warm_beta and em.warm_shift act on the gaussian warm-up alone: its round is the plain
   warm-up round at β = warm_beta on data.random_shift'ed images (the round's key split once,
-  as the trainer's augmentation does), and the EM round after it is unchanged."""
+  as the trainer's augmentation does); the EM round's stage is unchanged. With persistent
+  chains a shifted warm-up leaves their slots empty (EM's first visit then starts at z⁰, not at
+  a shifted copy's code); an unshifted one fills them."""
   config = tiny.get_config()
   config.model.decoder, config.model.denoiser = "diffusion", "dit"
   config.model.dit_width, config.em.gaussian_warmup_rounds = 16, 1
   config.em.langevin.step_rule, config.em.langevin.mala = "snr", False
-  config.em.beta = 0.25
+  config.em.beta, config.em.chain_slots = 0.25, 64
   base = methods.get_method(config, (28, 28, 1))
   own = copy.deepcopy(config)
   own.em.warm_beta, own.em.warm_shift = 1.0, 2
@@ -260,40 +262,33 @@ def test_gaussian_warmup_has_its_own_beta_and_shifts():
   ref = methods.get_method(at_one, (28, 28, 1))
   state = jax.jit(m.init_state)(jax.random.key(0))
   xs = jax.random.uniform(jax.random.key(1), (1, 8, 28, 28, 1), minval=-1, maxval=1)
-  key = jax.random.key(2)
+  key, index = jax.random.key(2), jnp.arange(8)[None] * 3
   phased = lambda method: jax.jit(method.train_round, static_argnames="phase")
-  warm, _ = phased(m)(state, xs, key, phase="gaussian_warmup")
+  warm, warm_metrics = phased(m)(state, xs, key, index, phase="gaussian_warmup")
   k_shift, k_round = jax.random.split(key)
   moved_xs = data.random_shift(k_shift, xs, 2)
-  expected, _ = phased(ref)(state, moved_xs, k_round, phase="gaussian_warmup")
-  unmoved_at_one, _ = phased(ref)(state, xs, k_round, phase="gaussian_warmup")
-  shifted_at_quarter, _ = phased(base)(state, moved_xs, k_round, phase="gaussian_warmup")
-  leaves = lambda s: jax.tree.leaves(s.params)
-  for a, b in zip(leaves(warm), leaves(expected)):
+  expected, metrics = phased(ref)(state, moved_xs, k_round, index, phase="gaussian_warmup")
+  for a, b in zip(jax.tree.leaves(warm.params), jax.tree.leaves(expected.params)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-  gap = lambda s, t: max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(leaves(s), leaves(t)))
-  assert gap(warm, unmoved_at_one) > 1e-5 and gap(warm, shifted_at_quarter) > 1e-5
-  after, _ = phased(m)(warm, xs, key, phase="em")
-  plain, _ = phased(base)(warm, xs, key, phase="em")
-  for a, b in zip(leaves(after), leaves(plain)):
-    np.testing.assert_array_equal(a, b)
+  # both levers matter (so that the equality above could fail): the warm-up chain's z^K moves
+  # with β, and the shifted images differ from the unshifted ones
+  warm_zk = lambda beta: m.latents(state.params, xs[0], key, beta=beta,
+                                   stage="gaussian_warmup")["zK"]
+  assert float(jnp.max(jnp.abs(warm_zk(1.0) - warm_zk(0.25)))) > 1e-3
+  assert float(jnp.max(jnp.abs(moved_xs - xs))) > 0.5
+  # the EM round's stage is the one without the levers
+  assert m.stage_of("em") == base.stage_of("em")
+  assert m.stage_of("gaussian_warmup").beta == 1.0 and base.stage_of("gaussian_warmup").beta == 0
+  # the slots: left empty by the shifted warm-up, filled by the unshifted one
+  for out, met, filled in ((warm, warm_metrics, 0), (expected, metrics, 1)):
+    chains = out.opt_state["chains"]
+    assert int(chains["visits"].sum()) == 8 * filled
+    assert (float(jnp.abs(chains["z"]).sum()) > 0) == bool(filled)
+    assert float(met["chain_visits"]) == filled
   bad = copy.deepcopy(own)
   bad.em.gaussian_warmup_rounds = 0
   with pytest.raises(ValueError, match="need em.gaussian_warmup_rounds > 0"):
     methods.validate(bad)
-  # with persistent chains, a shifted warm-up leaves their slots empty (EM's first visit then
-  # starts at z⁰, not at a shifted copy's code); an unshifted one fills them
-  index = jnp.arange(8)[None] * 3
-  for shift, filled in ((2, 0), (0, 1)):
-    slotted = copy.deepcopy(config)
-    slotted.em.chain_slots, slotted.em.warm_shift = 64, shift
-    s = methods.get_method(slotted, (28, 28, 1))
-    out, metrics = jax.jit(s.train_round, static_argnames="phase")(
-        s.init_state(jax.random.key(0)), xs, key, index, phase="gaussian_warmup")
-    chains = out.opt_state["chains"]
-    assert int(chains["visits"].sum()) == 8 * filled
-    assert (float(jnp.abs(chains["z"]).sum()) > 0) == bool(filled)
-    assert float(metrics["chain_visits"]) == filled
 
 
 def test_encoder_rate_scaled_once_em_starts():
