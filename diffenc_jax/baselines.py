@@ -59,8 +59,7 @@ class OneLossMethod:
     for i in range(xs.shape[0]):
       state, m = self.update(state, xs[i], jax.random.fold_in(key, i))
       metrics.append(m)
-    mean = jax.tree.map(lambda *v: jnp.mean(jnp.stack(v)), *metrics)
-    return state.replace(step=state.step + 1), mean
+    return state.replace(step=state.step + 1), train_state.mean_metrics(metrics)
 
   def latents(self, params, x: Array, key: Array,
               num_steps: int | None = None) -> dict[str, Array]:

@@ -293,7 +293,7 @@ class DiffusionEncoder(encoders.DiffusionCodeMethod):
       state, metrics = self.m_step(state, xs[i % num_e], lats[i % num_e],
                                    jax.random.fold_in(key, num_e + i), stage)
       m_metrics.append(metrics)
-    return state, {**_mean(e_metrics), **_mean(m_metrics)}
+    return state, {**train_state.mean_metrics(e_metrics), **train_state.mean_metrics(m_metrics)}
 
   def joint_round(self, state: TrainState, xs: Array, key: Array):
     """The joint warm-up's round (em.joint_warmup_rounds): `phases.joint_round`."""
@@ -348,7 +348,3 @@ class DiffusionEncoder(encoders.DiffusionCodeMethod):
       state, metrics = em(state)
     return state.replace(step=state.step + 1), metrics
 
-
-def _mean(metrics: list[dict]) -> dict:
-  """The per-key mean of a list of metric dicts."""
-  return jax.tree.map(lambda *v: jnp.mean(jnp.stack(v)), *metrics)

@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from diffenc_jax import chain
+from diffenc_jax import chain, train_state
 
 Array = jax.Array
 PHASES = ("gaussian_warmup", "joint_warmup", "em")
@@ -124,4 +124,4 @@ def joint_round(method, state, xs: Array, key: Array):
                                    jax.random.fold_in(k_den, 1))
     metrics.append({"enc_loss": enc, "dec_loss_z0": dec,
                     "z0_norm2": jnp.mean(jnp.sum(jnp.square(z0), -1))})
-  return state, jax.tree.map(lambda *v: jnp.mean(jnp.stack(v)), *metrics)
+  return state, train_state.mean_metrics(metrics)

@@ -67,6 +67,11 @@ def apply_update(state: TrainState, optimizers: dict[str, optax.GradientTransfor
   return state.replace(params=params, opt_state=opt_state, ema=ema)
 
 
+def mean_metrics(metrics: list[dict]) -> dict:
+  """The per-key mean of a list of metric dicts (a round's updates, averaged)."""
+  return jax.tree.map(lambda *v: jnp.mean(jnp.stack(v)), *metrics)
+
+
 def make_optimizer(lr: float, warmup_steps: int, grad_clip: float,
                    weight_decay: float = 0.0, decay_steps: int = 0,
                    final_lr: float = 0.0,
