@@ -138,7 +138,7 @@ def diffenc_parts(method, state, xs: jax.Array) -> list[Part]:
   config = method.config
   params, x, key = state.params, xs[0], jax.random.key(7)
   enc, dec = params["encoder"], params["decoder"]
-  beta = schedules.beta_at(config.em, state.step)
+  beta = schedules.beta_at(config.bottleneck, state.step)
 
   def encode(enc, x):
     return method.encode(enc, x, key)
@@ -249,7 +249,7 @@ def breakdown(name: str, repeats: int, tiny: bool = False,
   _FIRST.clear()
   config, shape, batch = load(name, tiny, overrides)
   method = methods.get_method(config, shape)
-  e = config.em.e_updates
+  e = config.train.batches_per_round
   xs = jax.random.uniform(jax.random.key(1), (e, batch) + shape, minval=-1.0, maxval=1.0)
   state = jax.jit(method.init_state)(jax.random.key(0))
   if config.method == "diffenc":
@@ -262,7 +262,7 @@ def breakdown(name: str, repeats: int, tiny: bool = False,
   # carried from call to call; a copy of its own, since donation consumes the buffers
   round_fn = jax.jit(method.train_round, donate_argnums=0)
   if getattr(method, "uses_example_index", False):  # persistent chains: slots 0 … E·B − 1
-    index = jax.numpy.arange(config.em.e_updates * xs.shape[1]).reshape(xs.shape[:2])
+    index = jax.numpy.arange(xs.shape[0] * xs.shape[1]).reshape(xs.shape[:2])
     round_fn = jax.jit(lambda s, x, k, f=method.train_round: f(s, x, k, index=index),
                        donate_argnums=0)
   carried = {"state": jax.tree.map(jnp.copy, state), "i": 0}

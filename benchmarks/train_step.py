@@ -53,11 +53,11 @@ def images_per_second(name: str, repeats: int, overrides: dict | None = None,
       node = node[part]
     node[leaf] = type(node[leaf])(value) if not isinstance(node[leaf], bool) else value == "true"
   method = methods.get_method(config, shape)
-  e = config.em.e_updates
+  e = config.train.batches_per_round
   xs = jax.random.uniform(jax.random.key(1), (e, batch) + shape, minval=-1.0, maxval=1.0)
   kwargs = {}
   if getattr(method, "uses_example_index", False):  # persistent chains: slots 0 … E·B − 1
-    kwargs["index"] = jax.numpy.arange(config.em.e_updates * xs.shape[1]).reshape(xs.shape[:2])
+    kwargs["index"] = jax.numpy.arange(xs.shape[0] * xs.shape[1]).reshape(xs.shape[:2])
   if hasattr(method, "phase_at"):  # the program the trainer runs at round `step`
     kwargs["phase"] = method.phase_at(step)
   round_fn = jax.jit(lambda s, x, k: method.train_round(s, x, k, **kwargs), donate_argnums=0)

@@ -199,8 +199,8 @@ class OurStep:
     self.jax = jax
     self.method = methods.get_method(config, shape)
     self.xs = jax.random.uniform(jax.random.key(seed + 1),
-                                 (config.em.e_updates, batch) + tuple(shape), minval=-1.0,
-                                 maxval=1.0)
+                                 (config.train.batches_per_round, batch) + tuple(shape),
+                                 minval=-1.0, maxval=1.0)
     self.state = jax.jit(self.method.init_state)(jax.random.key(seed))
     self.round = jax.jit(self.method.train_round, donate_argnums=0)
     self.calls = 0

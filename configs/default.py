@@ -52,6 +52,9 @@ def get_config() -> ml_collections.ConfigDict:
   # for thousands of rounds. The NLL (E-step, VAE) is always the ELBO, whatever this says.
   model.dec_weighting = "v"
   model.dec_weighting_gamma = 1.0  # γ of p2 and min_snr
+  # its NLL (the continuous-time ELBO bound): (t, ε) draws where the caller does not say (the
+  # VAE's loss, diffenc_joint's energy); the E-step's chain has its own (em.langevin)
+  model.dec_nll_samples = 2
   # transformer denoiser (DiT-style, adaLN-Zero by time and z): p×p patches are the tokens
   model.dit_patch_size = 7
   model.dit_width = 128
@@ -85,16 +88,19 @@ def get_config() -> ml_collections.ConfigDict:
   sampler.eta = 1.0  # 0 = deterministic DDIM, 1 = ancestral (DDPM-like)
   sampler.clip = 5.0  # predicted z_0 clipped to ±clip
 
+  # --- the information bottleneck: the rate's weight β in every method's objective ---------
+  config.bottleneck = bottleneck = ml_collections.ConfigDict()
+  # diffenc's (and diffenc_joint's) posterior temperature, p(z) p(x|z)^(1/β); the VAE's KL weight
+  bottleneck.beta = 1.0
+  # constant | anneal: β log-linear from beta_start at round 0 to beta at round
+  # beta_anneal_steps (schedules.beta_at)
+  bottleneck.beta_schedule = "constant"
+  bottleneck.beta_start = 1.0
+  bottleneck.beta_anneal_steps = 0
+
   # --- EM ---------------------------------------------------------------------------------
   config.em = em = ml_collections.ConfigDict()
-  em.beta = 1.0  # posterior temperature: p(z) p(x|z)^(1/β)
-  # constant | anneal: β (diffenc's E-step temperature, the VAE's KL weight) log-linear from
-  # beta_start at round 0 to em.beta at round beta_anneal_steps (schedules.beta_at)
-  em.beta_schedule = "constant"
-  em.beta_start = 1.0
-  em.beta_anneal_steps = 0
   em.align_weight = 1.0  # λ_align: decoder loss on the encoder's own z⁰
-  em.e_updates = 1  # E updates per round
   em.m_updates = 2  # M updates per round (the E-step's latents reused: cheap)
   em.encoder_inner_steps = 1  # encoder denoising updates per E-step on the same (x, z^K)
   # the encoder's denoising update sees its image moved by up to this many pixels (uniform on
@@ -148,9 +154,9 @@ def get_config() -> ml_collections.ConfigDict:
   # the gaussian warm-up's chain (em.gaussian_warmup_rounds): the gaussian decoder's recipe,
   # kept when a diffusion-decoder config changes em.langevin
   em.warm_langevin = ml_collections.ConfigDict(langevin.to_dict())
-  # the gaussian warm-up's own β (0: em.beta's schedule) and shift augmentation of its rounds
-  # (0: none); with shifts the warm-up leaves the persistent chains' slots empty, so that EM's
-  # first visit of an example starts at z⁰ rather than at a shifted copy's code
+  # the gaussian warm-up's own β (0: bottleneck.beta's schedule) and shift augmentation of its
+  # rounds (0: none); with shifts the warm-up leaves the persistent chains' slots empty, so
+  # that EM's first visit of an example starts at z⁰ rather than at a shifted copy's code
   em.warm_beta = 0.0
   em.warm_shift = 0
   # persistent chains: > 0 keeps each training example's last z^K (this many slots, at least the
@@ -166,8 +172,8 @@ def get_config() -> ml_collections.ConfigDict:
   em.latent_prior = False
 
   # --- baselines (docs/method.md §2; diffenc_jax/baselines.py) -----------------------------
-  # vae: β is em.beta and the encoder encoders.GaussianEncoder (model.enc_channels, enc_features).
-  # diffenc_joint: no fields of its own (em.beta, em.encoder_noise_draws, encoder_sampler).
+  # vae: the encoder encoders.GaussianEncoder (model.enc_channels, enc_features), β bottleneck's.
+  # diffenc_joint: no fields of its own (em.encoder_noise_draws, encoder_sampler, bottleneck).
   config.diffae = diffae = ml_collections.ConfigDict()
   # semantic encoder (encoders.DeterministicEncoder): conv = ConvEncoder(model.enc_channels,
   # model.enc_features), resnet = ResNetEncoder(resnet_*) (DiffAE's: 64, (1, 2, 4, 8, 8),
@@ -201,6 +207,8 @@ def get_config() -> ml_collections.ConfigDict:
   # --- optimisation -----------------------------------------------------------------------
   config.train = train = ml_collections.ConfigDict()
   train.batch_size = 128
+  # batches per round: a method's round takes this many (E, B, ...) — EM's E-steps, one per batch
+  train.batches_per_round = 1
   train.num_steps = 1500
   train.enc_lr = 1e-3
   train.dec_lr = 1e-3

@@ -22,7 +22,7 @@ def get_config():
   config.model.dec_weighting = "v"
   # a colder posterior, p(z) p(x|z)^(1/β): a chain that follows the β = 1 posterior pulls the
   # codes towards the prior and loses what they carry (docs/recipes.md)
-  config.em.beta = 0.25
+  config.bottleneck.beta = 0.25
   config.em.gaussian_warmup_rounds = 1500
   config.em.m_updates = 1
   # one persistent chain per training example, continued at every visit: no shifted copies,

@@ -1,4 +1,5 @@
-"""β-VAE baseline on mnist5k: Gaussian encoder, the default gaussian MLP decoder, β = em.beta.
+"""β-VAE baseline on mnist5k: Gaussian encoder, the default gaussian MLP decoder, β =
+bottleneck.beta.
 
 Matched with configs/mnist.py (the diffusion encoder): latent_dim 16, batch 128, same decoder,
 same encoder trunk (model.enc_channels, model.enc_features), same σ_x and β.

@@ -23,7 +23,7 @@ def get_config():
   config.lr_schedule = "cosine"
   config.weight_decay = 0.1
   # constant | anneal: anneal runs β log-linearly from min(beta_start, β) to β over
-  # beta_anneal_steps rounds (em.beta_schedule); their runs are named METHOD_betaB_anneal
+  # beta_anneal_steps rounds (bottleneck.beta_schedule); their runs are named METHOD_betaB_anneal
   config.beta_schedule = "constant"
   config.beta_start = 1.0
   config.beta_anneal_steps = 0

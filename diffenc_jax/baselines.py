@@ -53,7 +53,7 @@ class OneLossMethod:
   def train_round(self, state: TrainState, xs: Array, key: Array):
     """One joint update per batch of xs (E, B, ...). Returns (state with step + 1, the
     metrics averaged over the batches)."""
-    # E = em.e_updates is a small config integer: a trace-time loop, as in em.py (XLA:CPU
+    # E = train.batches_per_round is a small config integer: a trace-time loop, as in em.py (XLA:CPU
     # runs a conv net inside a loop body about twice as slowly as at top level)
     metrics = []
     for i in range(xs.shape[0]):
@@ -137,9 +137,9 @@ class VAE(Autoencoder):
   """β-VAE: q(z|x) = N(μ(x), diag e^{log_var(x)}) (`encoders.GaussianEncoder`), the decoder of config.model.decoder, the prior N(0, I).
 
   Loss, batch mean of  NLL_θ(x | z) + β KL(q(z|x) ‖ N(0, I)),  z = μ + e^{log_var/2} ε
-  (reparameterised, one draw), KL analytic, β = config.em.beta (the diffusion encoder's
+  (reparameterised, one draw), KL analytic, β = config.bottleneck.beta (the diffusion encoder's
   posterior temperature: both then target E_q log p(x|z) − β KL). NLL is exact for the gaussian
-  decoder (σ = model.sigma_x) and the continuous-time ELBO bound (em.langevin.mc_samples draws,
+  decoder (σ = model.sigma_x) and the continuous-time ELBO bound (model.dec_nll_samples draws,
   no dropout) for the diffusion decoder, so that β weighs nats against nats.
 
   `rate` is the analytic KL per example, of a sample z ~ q(z|x) (`rate_latent`).
@@ -158,7 +158,7 @@ class VAE(Autoencoder):
               num_steps: int | None = None) -> dict[str, Array]:
     """{"z0": μ(x), "zK": μ(x) after `num_steps` (em.langevin.num_steps by default) steps of
     the E-step's Langevin chain on π_β(z|x) ∝ p(z) p_θ(x|z)^(1/β) (`chain.posterior_sample` on
-    this decoder, β = em.beta), "info": its diagnostics}; num_steps=0: zK = z0, info None.
+    this decoder, β = bottleneck.beta), "info": its diagnostics}; num_steps=0: zK = z0, info None.
     No gradients."""
     k_chain = jax.random.fold_in(key, 1)
     z0 = jax.lax.stop_gradient(self.encode(params["encoder"], x))
@@ -170,15 +170,15 @@ class VAE(Autoencoder):
 
   def update(self, state: TrainState, x: Array, key: Array):
     """One update on a batch x at the KL weight β of round state.step (`schedules.beta_at`)."""
-    beta = schedules.beta_at(self.config.em, state.step)
+    beta = schedules.beta_at(self.config.bottleneck, state.step)
     (_, metrics), grads = jax.value_and_grad(self.loss, has_aux=True)(state.params, x, key, beta)
     return self.apply_gradients(state, grads), metrics
 
   def loss(self, params, x: Array, key: Array, beta: float | Array | None = None):
-    """(batch mean of NLL + β KL, metrics); β = em.beta unless given."""
+    """(batch mean of NLL + β KL, metrics); β = bottleneck.beta unless given."""
     k_z, k_nll = jax.random.split(key)
     mean, log_var = self.q.moments(params["encoder"], x)
-    beta = self.config.em.beta if beta is None else beta
+    beta = self.config.bottleneck.beta if beta is None else beta
     out = losses.vae_loss(lambda z: self.decoder.nll(params["decoder"], x, z, k_nll), mean,
                           log_var, k_z, beta)
     return out["loss"].mean(), {"loss": out["loss"].mean(), "nll": out["nll"].mean(),

@@ -43,12 +43,12 @@ def posterior_sample(config, decoder, dec_params, x: Array, z0: Array, key: Arra
   refined mean): em.langevin.num_steps (or `num_steps`) Langevin steps from z⁰ on
   π_β(z|x) ∝ p(z) p_θ(x|z)^(1/β) exp(−½ λ_prox ‖z − z⁰‖²), with config.em.langevin's step
   rule, MALA and preconditioner (or those of `langevin`, e.g. em.warm_langevin); β =
-  config.em.beta unless given. The chain starts at z_start (a persistent chain's last state)
-  when given, else at z⁰; the proximal term always pulls to z⁰. curvature (B, d): the
+  config.bottleneck.beta unless given. The chain starts at z_start (a persistent chain's last
+  state) when given, else at z⁰; the proximal term always pulls to z⁰. curvature (B, d): the
   `diagonal` step rule's preconditioner (≤ 0 where unknown). No gradient reaches θ."""
   em = config.em
   lv = em.langevin if langevin is None else langevin
-  beta = em.beta if beta is None else beta
+  beta = config.bottleneck.beta if beta is None else beta
   dec_params = jax.lax.stop_gradient(dec_params)
   k_nll, k_chain, k_pre = jax.random.split(key, 3)
   z_start = z0 if z_start is None else jax.lax.stop_gradient(z_start)

@@ -54,13 +54,13 @@ def validate_config(config, num_devices: int | None = None) -> None:
   for name in ("schedule", "image_schedule"):
     check(config[name].name in schedules.SCHEDULES,
           f"unknown {name}.name {config[name].name!r}; choose one of {sorted(schedules.SCHEDULES)}")
-  check(config.em.beta > 0, f"em.beta must be > 0, got {config.em.beta}")
-  check(config.em.beta_schedule in schedules.BETA_SCHEDULES, f"unknown em.beta_schedule "
-        f"{config.em.beta_schedule!r}; choose one of {schedules.BETA_SCHEDULES}")
-  check(config.em.beta_schedule != "anneal" or (config.em.beta_start > 0 and
-                                                config.em.beta_anneal_steps >= 1),
-        "em.beta_schedule='anneal' needs em.beta_start > 0 and em.beta_anneal_steps >= 1")
-  for name in ("e_updates", "m_updates", "encoder_inner_steps"):
+  try:
+    schedules.validate_beta(config.bottleneck)
+  except ValueError as e:
+    raise UsageError(f"bad config: {e}") from None
+  check(config.train.batches_per_round >= 1,
+        f"train.batches_per_round must be >= 1, got {config.train.batches_per_round}")
+  for name in ("m_updates", "encoder_inner_steps"):
     check(config.em[name] >= 1, f"em.{name} must be >= 1, got {config.em[name]}")
   check(config.data.augment_shift >= 0,
         f"data.augment_shift must be >= 0, got {config.data.augment_shift}")

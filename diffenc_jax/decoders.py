@@ -145,8 +145,8 @@ class DiffusionDecoder:
 
   def nll(self, params, x: Array, z: Array, key: Array, num_samples: int | None = None) -> Array:
     """Continuous-time ELBO bound on −log p_θ(x|z) per example (B,), nats; `num_samples`
-    stratified (t, ε) draws (em.langevin.mc_samples by default)."""
-    n = num_samples or self.config.em.langevin.mc_samples
+    stratified (t, ε) draws (model.dec_nll_samples by default)."""
+    n = num_samples or self.config.model.dec_nll_samples
     return losses.diffusion_nll_bound(self.eps_fn(params, z), x, key, self.schedule, n)
 
   def _eps3(self, params):

@@ -6,7 +6,7 @@ optimisers); every method is a pure function of explicit arrays, e.g.
     state = method.init_state(key)
     state, metrics, latents = method.e_step(state, x, key)   # z⁰ → Langevin → z^K → φ update
     state, metrics = method.m_step(state, x, latents, key)   # θ update on z^K (+ λ_align z⁰)
-    state, metrics = method.train_round(state, xs, key)      # e_updates E-steps, m_updates M-steps
+    state, metrics = method.train_round(state, xs, key)      # an E-step per batch, M-steps
 
 E-step: z⁰ ~ q_φ(·|x) by latent DDIM; K Langevin steps on the tempered posterior
 π_β(z|x) ∝ p(z) p_θ(x|z)^(1/β) (+ an optional proximal pull to z⁰); `encoder_inner_steps`
@@ -71,8 +71,8 @@ class DiffusionEncoder(encoders.DiffusionCodeMethod):
     self.schedule = self.q.schedule
     # em.em_enc_lr_scale: the encoder's rate once EM against the diffusion decoder starts
     warm_rounds = em_.gaussian_warmup_rounds if self.warm_decoder is not None else 0
-    self.enc_opt = train_state.optimizer_for(config, config.train.enc_lr,
-                                             em_.e_updates * em_.encoder_inner_steps,
+    enc_updates = config.train.batches_per_round * em_.encoder_inner_steps
+    self.enc_opt = train_state.optimizer_for(config, config.train.enc_lr, enc_updates,
                                              scale_after=(warm_rounds, em_.em_enc_lr_scale)
                                              if warm_rounds else None)
     self.dec_opt = train_state.optimizer_for(config, config.train.dec_lr, em_.m_updates)
@@ -128,7 +128,7 @@ class DiffusionEncoder(encoders.DiffusionCodeMethod):
   # --- decoder p_θ(x|z) ----------------------------------------------------------------
   def nll(self, dec_params, x: Array, z: Array, key: Array) -> Array:
     """−log p_θ(x|z) per example (B,), nats: exact for the gaussian decoder, the
-    continuous-time ELBO bound (em.langevin.mc_samples draws) for the diffusion decoder."""
+    continuous-time ELBO bound (model.dec_nll_samples draws) for the diffusion decoder."""
     return self.decoder.nll(dec_params, x, z, key)
 
   def decode(self, dec_params, z: Array, key: Array, num_steps: int | None = None) -> Array:
@@ -141,7 +141,7 @@ class DiffusionEncoder(encoders.DiffusionCodeMethod):
                        stage: Stage | str | None = None, z_start: Array | None = None,
                        curvature: Array | None = None) -> tuple[Array, samplers.LangevinInfo]:
     """z^K: Langevin on π_β(z|x) ∝ p(z) p_θ(x|z)^(1/β) exp(−½ λ_prox ‖z − z⁰‖²) from z⁰;
-    β = em.beta unless given (the E-step passes `schedules.beta_at` of its round).
+    β = bottleneck.beta unless given (the E-step passes `schedules.beta_at` of its round).
     The module's `posterior_sample` on the stage's decoder with its chain (the "em" stage:
     this method's decoder and em.langevin)."""
     stage = self.stage_of(stage)
@@ -157,7 +157,8 @@ class DiffusionEncoder(encoders.DiffusionCodeMethod):
               resume: tuple[Array, Array, Array] | None = None) -> dict[str, Array]:
     """z⁰ from the encoder and z^K after `num_steps` Langevin steps (the E-step's
     em.langevin.num_steps by default; num_steps=0: z^K = z⁰ and no diagnostics) at temperature
-    β (em.beta by default) from z⁰, with the chain's diagnostics (stage: the `Stage` whose
+    β (bottleneck.beta by default) from z⁰, with the chain's diagnostics (stage: the `Stage`
+    whose
     chain runs, "em" by default). resume = (z_prev (B, d), seen (B,) bool, curvature (B, d)):
     persistent chains, which continue from z_prev where seen and start at z⁰ elsewhere, with
     the `diagonal` rule's curvature estimate (≤ 0: unknown). No gradients."""
@@ -187,7 +188,7 @@ class DiffusionEncoder(encoders.DiffusionCodeMethod):
       slot = index % self.chain_slots
       if stage.continue_chains:
         resume = (chains["z"][slot], chains["visits"][slot] > 0, chains["curvature"][slot])
-    beta = stage.beta or schedules.beta_at(self.config.em, state.step)
+    beta = stage.beta or schedules.beta_at(self.config.bottleneck, state.step)
     lat = self.latents(state.params, x, k_lat, beta=beta, stage=stage, resume=resume)
     zk = lat["zK"]
     chain_metrics = {}
@@ -275,12 +276,12 @@ class DiffusionEncoder(encoders.DiffusionCodeMethod):
   # --- one round -----------------------------------------------------------------------
   def em_round(self, state: TrainState, xs: Array, key: Array,
                stage: Stage | str | None = None, index: Array | None = None):
-    """e_updates E-steps, one per batch of xs (E, B, ...), then m_updates M-steps reusing
-    those batches' latents in turn, both of the `Stage` given ("em" by default). Returns
+    """An E-step per batch of xs (E, B, ...), then m_updates M-steps reusing those batches'
+    latents in turn, both of the `Stage` given ("em" by default). Returns
     (state, metrics); the step is not advanced. index (E, B): the examples' train-split
     indices (persistent chains)."""
     stage = self.stage_of(stage)
-    # e_updates and m_updates are small config integers: trace-time loops (see e_step)
+    # E and m_updates are small config integers: trace-time loops (see e_step)
     num_e = xs.shape[0]
     e_metrics, lats = [], []
     for i in range(num_e):

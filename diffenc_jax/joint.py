@@ -94,7 +94,7 @@ class DiffusionEncoderJoint(encoders.DiffusionCodeMethod, baselines.OneLossMetho
     k_enc, k_nll = jax.random.split(key)
     z0 = self.encode(params["encoder"], x, k_enc)
     energy = (self.decoder.nll(params["decoder"], x, z0, k_nll)
-              + self.config.em.beta * 0.5 * jnp.sum(jnp.square(z0), -1))
+              + self.config.bottleneck.beta * 0.5 * jnp.sum(jnp.square(z0), -1))
     return energy, z0
 
   def loss(self, params, x: Array, key: Array):
@@ -108,6 +108,6 @@ class DiffusionEncoderJoint(encoders.DiffusionCodeMethod, baselines.OneLossMetho
     energy, z0 = self.chain_energy(params, x, k_chain)
     enc_loss = self.q.loss(params["encoder"], x, jax.lax.stop_gradient(z0), k_enc)
     z0_norm2 = jnp.mean(jnp.sum(jnp.square(z0), -1))
-    nll = energy.mean() - self.config.em.beta * 0.5 * z0_norm2
+    nll = energy.mean() - self.config.bottleneck.beta * 0.5 * z0_norm2
     return energy.mean() + enc_loss, ({"loss": energy.mean() + enc_loss, "nll": nll,
                                        "enc_loss": enc_loss, "z0_norm2": z0_norm2}, z0)

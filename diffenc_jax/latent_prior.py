@@ -47,7 +47,7 @@ class LatentDDPMPrior:
     self.module = models.LatentPrior(self.latent_dim, hidden=d.prior_hidden,
                                      num_blocks=d.prior_blocks)
     # Adam at diffae.prior_lr, one update per batch of a round, no weight decay
-    self.optimizer = train_state.optimizer_for(config, d.prior_lr, config.em.e_updates,
+    self.optimizer = train_state.optimizer_for(config, d.prior_lr, config.train.batches_per_round,
                                                weight_decay=False)
 
   def init(self, key: Array):

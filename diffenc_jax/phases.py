@@ -29,7 +29,7 @@ PHASES = ("gaussian_warmup", "joint_warmup", "em")
 
 class Stage(NamedTuple):
   """What an EM round of one phase samples and trains: the E-step's chain runs on the decoder
-  `params[chain_decoder]` with the chain `langevin` at β = `beta` (0: em.beta's schedule),
+  `params[chain_decoder]` with the chain `langevin` at β = `beta` (0: bottleneck.beta's schedule),
   continues the persistent chains where `continue_chains` and leaves its z^K in them where
   `fills_chains`; the M-step trains the method's
   decoder with λ_align = `align_weight`, and the chain's decoder too where it is another one."""

@@ -124,7 +124,7 @@ def reference_chain(config, decoder, dec_params, x: Array, z_init: Array, key: A
   constant preconditioner: the chain stays a valid sampler wherever it starts), with `draws`
   fresh (λ, ε) draws of the energy at every step (for a gaussian decoder the exact NLL).
   Returns z (B, d)."""
-  beta = config.em.beta if beta is None else beta
+  beta = config.bottleneck.beta if beta is None else beta
   k_pre, k_chain = jax.random.split(key)
   h = jax.lax.stop_gradient(decoder.precision_fn(dec_params, x, k_pre, beta, 1.0,
                                                  estimator=config.em.langevin)(h_at))
@@ -190,9 +190,9 @@ def chain_check(config, method, params, images: np.ndarray, key: Array, draws: i
   """Does the E-step's chain move the encoder's z⁰ towards the decoder's posterior?
 
   For each image: z⁰ from the encoder and z^K after the E-step's chain (em.langevin, its
-  num_steps unless given, β = em.beta), then, under an estimate of the decoder's NLL that the
-  chain did not see (exact for the gaussian decoder; for a diffusion decoder the ELBO bound with
-  `draws` stratified draws, the same draws for every code):
+  num_steps unless given, β = bottleneck.beta), then, under an estimate of the decoder's NLL
+  that the chain did not see (exact for the gaussian decoder; for a diffusion decoder the ELBO
+  bound with `draws` stratified draws, the same draws for every code):
     nll_z0, nll_zK   the mean NLL of z⁰ and of z^K (nats);
     nll_change       mean NLL(z^K) − NLL(z⁰): negative when the chain improves the code;
     share_better     the share of images whose z^K has the lower NLL;
@@ -218,7 +218,7 @@ def chain_check(config, method, params, images: np.ndarray, key: Array, draws: i
     raise ValueError(f"draws must be >= 1, got {draws}")
   if reference is not None and reference_steps:
     raise ValueError("give reference_steps or a precomputed reference, not both")
-  beta = config.em.beta
+  beta = config.bottleneck.beta
   decoder = method.decoder
 
   def nll(dec_params, x, z):

@@ -6,7 +6,8 @@
                       workdir/config.json: the run's config and, under RECORD_KEY, its record:
                       `checksummed_from` (the first step whose checkpoint was saved with a
                       checksum: from there on a checkpoint without a readable one is damaged)
-                      and `data` (`data_fingerprint`: what it was trained on)
+                      and `data` (`data_fingerprint`: what it was trained on); fields that
+                      moved since the run was written are read at their new place (MOVED_FIELDS)
   check_writable(path), trim_metrics(path, start), previous_elapsed(path, start)
                       a workdir that takes files; metrics.jsonl cut back to a resumed round,
                       and the training clock it had reached there
@@ -91,12 +92,47 @@ class StopOnSignal:
 
 CONFIG_NAME = "config.json"
 RECORD_KEY = "run_record"
+# (where a config.json written before the move has a field, where it is now, moved or copied):
+# the run was trained with that value, so it is read at the new place. Copied: the old field
+# stays where it was (it still does something there) and sets the new one's value.
+MOVED_FIELDS = (
+    ("em.beta", "bottleneck.beta", "moved"),
+    ("em.beta_schedule", "bottleneck.beta_schedule", "moved"),
+    ("em.beta_start", "bottleneck.beta_start", "moved"),
+    ("em.beta_anneal_steps", "bottleneck.beta_anneal_steps", "moved"),
+    ("em.e_updates", "train.batches_per_round", "moved"),
+    ("em.langevin.mc_samples", "model.dec_nll_samples", "copied"),
+)
+
+
+def upgrade_fields(fields: dict) -> dict:
+  """config.json's fields (nested dicts) with each field of MOVED_FIELDS that the run has at its
+  old place and not at its new one put at the new place: a run written before a move reads as
+  one written after it. Fields already in their new place are left as they are."""
+  fields = json.loads(json.dumps(fields))
+
+  def find(path):
+    node = fields
+    for key in path[:-1]:
+      node = node.get(key) if isinstance(node, dict) else None
+    return node if isinstance(node, dict) and path[-1] in node else None
+
+  for old, new, how in MOVED_FIELDS:
+    old_path, new_path = old.split("."), new.split(".")
+    source = find(old_path)
+    if source is None or find(new_path) is not None:
+      continue
+    node = fields
+    for key in new_path[:-1]:
+      node = node.setdefault(key, {})
+    node[new_path[-1]] = (source.pop if how == "moved" else source.get)(old_path[-1])
+  return fields
 
 
 def read_config(workdir: str) -> tuple[dict, dict | None] | None:
   """(the config's fields, the run's record or None for an older run) of workdir/config.json,
-  None where there is no such file. Raises ValueError (one line) where it is unreadable or not
-  a JSON object."""
+  None where there is no such file; fields read at their current place (`upgrade_fields`).
+  Raises ValueError (one line) where it is unreadable or not a JSON object."""
   path = os.path.join(workdir, CONFIG_NAME)
   if not os.path.isfile(path):
     return None
@@ -109,7 +145,7 @@ def read_config(workdir: str) -> tuple[dict, dict | None] | None:
     raise ValueError(f"unreadable {path}: not a config (a JSON object of config fields), "
                      f"but {type(saved).__name__} {json.dumps(saved)[:60]}")
   record = saved.pop(RECORD_KEY, None)
-  return saved, record
+  return upgrade_fields(saved), record
 
 
 def write_config(workdir: str, config, record: dict) -> None:

@@ -110,21 +110,31 @@ def get_schedule(name: str, **kwargs) -> Schedule:
 BETA_SCHEDULES = ("constant", "anneal")
 
 
-def beta_at(em_config, step):
-  """β at training round `step` (a traced or Python integer) from config.em:
+def beta_at(bottleneck, step):
+  """β at training round `step` (a traced or Python integer) from config.bottleneck:
 
-    constant  em.beta at every round (a Python float: the traced program is unchanged);
-    anneal    log-linear from em.beta_start at round 0 to em.beta at round
-              em.beta_anneal_steps, then em.beta:
-              β_s = β_start (β / β_start)^min(s / beta_anneal_steps, 1).
+    constant  beta at every round (a Python float: the traced program is unchanged);
+    anneal    log-linear from beta_start at round 0 to beta at round beta_anneal_steps, then
+              beta: β_s = β_start (β / β_start)^min(s / beta_anneal_steps, 1).
   Starting a large β from a small one lets the decoder learn to use z before the prior's pull
   (KL weight, or temperature of the E-step's posterior) dominates it.
   """
-  if em_config.beta_schedule == "constant":
-    return em_config.beta
-  if em_config.beta_schedule != "anneal":
-    raise ValueError(f"unknown em.beta_schedule {em_config.beta_schedule!r}; "
-                     f"choose one of {BETA_SCHEDULES}")
-  frac = jnp.minimum(jnp.asarray(step, jnp.float32) / em_config.beta_anneal_steps, 1.0)
-  log_start = math.log(em_config.beta_start)
-  return jnp.exp(log_start + (math.log(em_config.beta) - log_start) * frac)
+  validate_beta(bottleneck)
+  if bottleneck.beta_schedule == "constant":
+    return bottleneck.beta
+  frac = jnp.minimum(jnp.asarray(step, jnp.float32) / bottleneck.beta_anneal_steps, 1.0)
+  log_start = math.log(bottleneck.beta_start)
+  return jnp.exp(log_start + (math.log(bottleneck.beta) - log_start) * frac)
+
+
+def validate_beta(bottleneck) -> None:
+  """Raises ValueError with one line on a bad config.bottleneck."""
+  b = bottleneck
+  if not b.beta > 0:
+    raise ValueError(f"bottleneck.beta must be > 0, got {b.beta}")
+  if b.beta_schedule not in BETA_SCHEDULES:
+    raise ValueError(f"unknown bottleneck.beta_schedule {b.beta_schedule!r}; choose one of "
+                     f"{BETA_SCHEDULES}")
+  if b.beta_schedule == "anneal" and not (b.beta_start > 0 and b.beta_anneal_steps >= 1):
+    raise ValueError("bottleneck.beta_schedule='anneal' needs bottleneck.beta_start > 0 and "
+                     "bottleneck.beta_anneal_steps >= 1")

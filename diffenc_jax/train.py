@@ -168,7 +168,7 @@ class Trainer:
                    round_index: int) -> tuple[jax.Array, jax.Array]:
     """The (E, B, ...) images of one round and their (E, B) train-split indices, as global
     arrays sharded on the batch axis."""
-    e = self.config.em.e_updates
+    e = self.config.train.batches_per_round
     steps = [round_index * e + i for i in range(e)]
     images = np.stack([batches.get(s)["image"] for s in steps])
     index = np.stack([batches.indices(s) for s in steps]).astype(np.int32)

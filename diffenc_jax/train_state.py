@@ -114,7 +114,7 @@ def optimizer_for(config, lr: float, updates_per_round: int,
 
 def encoder_decoder_optimizers(config) -> dict[str, optax.GradientTransformation]:
   """The encoder's and decoder's optimisers of a method updated once per batch of a round (the
-  one-loss rule): a cosine rate decays over em.e_updates × train.num_steps updates."""
-  e = config.em.e_updates
+  one-loss rule): a cosine rate decays over train.batches_per_round × train.num_steps updates."""
+  e = config.train.batches_per_round
   return {"encoder": optimizer_for(config, config.train.enc_lr, e),
           "decoder": optimizer_for(config, config.train.dec_lr, e)}

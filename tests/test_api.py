@@ -176,6 +176,54 @@ def test_load_of_a_config_without_a_field_names_it(tmp_path, workdir):
   assert sorted(str(p) for p in old.rglob("*")) == before
 
 
+def _as_written_before_the_moves(fields: dict, nll_draws: int | None = None) -> dict:
+  """config.json's fields as a version before runs.MOVED_FIELDS wrote them: the bottleneck's β
+  fields and train.batches_per_round in em, no model.dec_nll_samples (the NLL took
+  em.langevin.mc_samples draws, set to nll_draws where given)."""
+  import copy
+  old = copy.deepcopy(fields)
+  for name, value in old.pop("bottleneck").items():
+    old["em"][name] = value
+  old["em"]["e_updates"] = old["train"].pop("batches_per_round")
+  draws = old["model"].pop("dec_nll_samples")
+  old["em"]["langevin"]["mc_samples"] = draws if nll_draws is None else nll_draws
+  return old
+
+
+def test_a_run_written_before_fields_moved_reads_at_their_new_place(tmp_path, workdir, model):
+  """A config.json with em.beta*, em.e_updates and no model.dec_nll_samples (an older version's)
+  reads as the current one: the moved values at their new place (a β of 4 as bottleneck.beta,
+  the NLL's draws from em.langevin.mc_samples), the model loads with the same parameters, and
+  a resume with the current config is accepted, or refused naming the new field where the
+  run's value differs."""
+  import json
+  import shutil
+  from diffenc_jax import checks, runs
+  with open(os.path.join(workdir, "config.json")) as f:
+    current = json.load(f)
+  record = current.pop(runs.RECORD_KEY)
+  assert runs.upgrade_fields(_as_written_before_the_moves(current)) == current
+  old = tmp_path / "old_run"
+  shutil.copytree(workdir, old)
+  written = _as_written_before_the_moves(current, nll_draws=3)
+  written["em"]["beta"] = 4.0
+  (old / "config.json").write_text(json.dumps({**written, runs.RECORD_KEY: record}))
+  fields, _ = runs.read_config(str(old))
+  assert (fields["bottleneck"]["beta"], fields["train"]["batches_per_round"]) == (4.0, 1)
+  assert fields["model"]["dec_nll_samples"] == 3 == fields["em"]["langevin"]["mc_samples"]
+  assert "beta" not in fields["em"] and "e_updates" not in fields["em"]
+  loaded = api.Autoencoder.load(str(old))
+  assert loaded.config.bottleneck.beta == 4.0
+  jax.tree.map(np.testing.assert_array_equal, loaded.params, model.params)
+  config = tiny.get_config()
+  config.train.num_steps = 2
+  config.bottleneck.beta, config.em.langevin.mc_samples, config.model.dec_nll_samples = 4.0, 3, 3
+  checks.check_resume(config, str(old))
+  config.bottleneck.beta = 1.0
+  with pytest.raises(checks.UsageError, match="bottleneck.beta=4.0, not 1.0"):
+    checks.check_resume(config, str(old))
+
+
 def test_use_ema_picks_the_ema_parameters(workdir, model):
   ema = api.Autoencoder.load(workdir, use_ema=True, step=2)
   assert model.step == ema.step == 2 and not model.use_ema and ema.use_ema

@@ -205,7 +205,7 @@ def test_joint_trains_its_latent_prior_without_touching_the_autoencoder():
   from tests.test_train import latent_prior_runs
   xs = jax.random.uniform(jax.random.key(1), (2, 8, 8, 8, 1), minval=-1, maxval=1)
   method, init, state, metrics = latent_prior_runs(lambda flag: baseline_config(
-      "diffenc_joint", **{"em.latent_prior": flag, "em.e_updates": 2}), xs)
+      "diffenc_joint", **{"em.latent_prior": flag, "train.batches_per_round": 2}), xs)
   assert set(state.params) - {"zstats"} == set(state.opt_state)
   for tree in (state.params, state.ema):  # the parameters and their EMA moved
     assert any(not np.array_equal(a, b) for a, b in

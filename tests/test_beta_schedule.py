@@ -1,5 +1,5 @@
-"""em.beta_schedule: the β that diffenc's E-step and the VAE's loss use at round s is the closed
-form β_start (β / β_start)^min(s / beta_anneal_steps, 1)."""
+"""bottleneck.beta_schedule: the β that diffenc's E-step and the VAE's loss use at round s is
+the closed form β_start (β / β_start)^min(s / beta_anneal_steps, 1)."""
 
 import math
 
@@ -13,8 +13,9 @@ from diffenc_jax import baselines, checks, em, schedules
 
 
 def annealed(config, start=2.0, beta=2000.0, steps=10):
-  config.em.beta_schedule = "anneal"
-  config.em.beta_start, config.em.beta, config.em.beta_anneal_steps = start, beta, steps
+  config.bottleneck.beta_schedule = "anneal"
+  b = config.bottleneck
+  b.beta_start, b.beta, b.beta_anneal_steps = start, beta, steps
   return config
 
 
@@ -23,13 +24,13 @@ def closed_form(s, start=2.0, beta=2000.0, steps=10):
 
 
 def test_beta_at_is_log_linear_then_constant():
-  em_config = annealed(tiny.get_config()).em
+  bottleneck = annealed(tiny.get_config()).bottleneck
   for s, expected in ((0, 2.0), (5, 2.0 * 1000**0.5), (7, 2.0 * 1000**0.7), (10, 2000.0),
                       (25, 2000.0)):
-    np.testing.assert_allclose(float(schedules.beta_at(em_config, jnp.int32(s))), expected,
+    np.testing.assert_allclose(float(schedules.beta_at(bottleneck, jnp.int32(s))), expected,
                                rtol=1e-5)
     np.testing.assert_allclose(expected, closed_form(s), rtol=1e-12)
-  constant = tiny.get_config().em
+  constant = tiny.get_config().bottleneck
   constant.beta = 7.0
   assert schedules.beta_at(constant, jnp.int32(3)) == 7.0  # a Python float: program unchanged
 
@@ -73,8 +74,8 @@ def test_diffenc_e_step_samples_the_posterior_at_the_beta_of_its_round(monkeypat
 
 def test_validate_config_rejects_a_bad_beta_schedule():
   config = tiny.get_config()
-  config.em.beta_schedule = "cosine"
-  with pytest.raises(checks.UsageError, match="em.beta_schedule"):
+  config.bottleneck.beta_schedule = "cosine"
+  with pytest.raises(checks.UsageError, match="bottleneck.beta_schedule"):
     checks.validate_config(config)
   config = annealed(tiny.get_config(), steps=0)
   with pytest.raises(checks.UsageError, match="beta_anneal_steps >= 1"):

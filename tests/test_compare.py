@@ -58,7 +58,7 @@ def test_method_config_sets_the_matched_budget_and_schedule():
   assert config.method == "vae"
   assert (config.train.num_steps, config.train.lr_schedule) == (7, "cosine")
   assert config.train.weight_decay == 0.05
-  assert (config.seed, config.em.beta, config.train.eval_every) == (3, 4.0, 7)
+  assert (config.seed, config.bottleneck.beta, config.train.eval_every) == (3, 4.0, 7)
   # configs/mnist.py's own 4,500 cosine rounds and weight decay do not leak into the comparison
   diffenc = compare.method_config(compare_config.get_config(), "diffenc", seed=0)
   assert (diffenc.train.num_steps, diffenc.train.lr_schedule) == (1500, "constant")

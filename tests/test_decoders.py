@@ -252,13 +252,13 @@ def test_gaussian_warmup_has_its_own_beta_and_shifts():
   config.model.decoder, config.model.denoiser = "diffusion", "dit"
   config.model.dit_width, config.em.gaussian_warmup_rounds = 16, 1
   config.em.langevin.step_rule, config.em.langevin.mala = "snr", False
-  config.em.beta, config.em.chain_slots = 0.25, 64
+  config.bottleneck.beta, config.em.chain_slots = 0.25, 64
   base = methods.get_method(config, (28, 28, 1))
   own = copy.deepcopy(config)
   own.em.warm_beta, own.em.warm_shift = 1.0, 2
   m = methods.get_method(own, (28, 28, 1))
   at_one = copy.deepcopy(config)
-  at_one.em.beta = 1.0
+  at_one.bottleneck.beta = 1.0
   ref = methods.get_method(at_one, (28, 28, 1))
   state = jax.jit(m.init_state)(jax.random.key(0))
   xs = jax.random.uniform(jax.random.key(1), (1, 8, 28, 28, 1), minval=-1, maxval=1)
@@ -305,7 +305,7 @@ def test_encoder_rate_scaled_once_em_starts():
   config = tiny.get_config()
   config.model.decoder, config.model.denoiser, config.model.dit_width = "diffusion", "dit", 16
   config.em.gaussian_warmup_rounds, config.em.em_enc_lr_scale = 2, 0.1
-  config.em.e_updates = 2
+  config.train.batches_per_round = 2
   m = methods.get_method(config, (28, 28, 1))
   enc = jnp.zeros((3,))
   state = m.enc_opt.init(enc)
@@ -360,7 +360,7 @@ def test_chain_check_scores_z0_and_zK_under_one_estimate(decoder):
   config = tiny.get_config()
   config.model.decoder, config.model.denoiser = decoder, "dit"
   config.model.dit_patch_size, config.model.dit_width, config.model.dit_depth = 4, 16, 1
-  config.em.beta = 4.0
+  config.bottleneck.beta = 4.0
   config.em.langevin.step_rule, config.em.langevin.mala = "snr", False
   m, params, x, key = _perturbed_model(config)
   still = posterior_check.chain_check(config, m, params, x, key, draws=4, num_steps=0)
@@ -390,7 +390,7 @@ def test_chain_check_coverage_against_a_precomputed_reference():
   """coverage = (NLL(z^K) − NLL(z⁰)) / (NLL_ref − NLL(z⁰)); a reference passed in from an earlier
   call on the same images and key gives every figure that call gave, without its chains."""
   config = tiny.get_config()
-  config.em.beta = 4.0
+  config.bottleneck.beta = 4.0
   config.em.langevin.step_rule, config.em.langevin.mala = "snr", False
   m, params, x, key = _perturbed_model(config)
   run = posterior_check.chain_check(config, m, params, x, key, draws=4, reference_steps=20,

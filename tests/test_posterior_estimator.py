@@ -355,8 +355,9 @@ def test_recipe_chain_samples_tempered_posterior_within_its_step_bias():
   most ULA's step bias for a step η c⁻¹ ≤ η/h, 1/(1 − η/2) (the curvature c is at least the
   precision h, E ĝ² = g² + Var ĝ), and its correlation is the posterior's."""
   from configs import mnist_diffdec
-  lv, em_cfg = mnist_diffdec.get_config().em.langevin, mnist_diffdec.get_config().em
-  beta, eta, draws = em_cfg.beta, lv.step_size, lv.mc_samples
+  recipe = mnist_diffdec.get_config()
+  lv = recipe.em.langevin
+  beta, eta, draws = recipe.bottleneck.beta, lv.step_size, lv.mc_samples
   assert (lv.step_rule, lv.fresh_draws, lv.num_steps) == ("diagonal", True, 2)
   xs = jnp.tile(X, (N_CHAINS, 1))
   z0 = jax.random.normal(key(10), (N_CHAINS, LATENT))
@@ -375,7 +376,7 @@ def test_recipe_chain_samples_tempered_posterior_within_its_step_bias():
       z, info = samplers.langevin_posterior(log_density, z, kv, num_steps=lv.num_steps,
                                             step_size=eta, step_rule="diagonal",
                                             fresh_draws=True, curvature=curv)
-      return (z, chain.running_curvature(curv, info.grad_sq, em_cfg.curvature_decay)), None
+      return (z, chain.running_curvature(curv, info.grad_sq, recipe.em.curvature_decay)), None
 
     (z, _), _ = jax.lax.scan(visit, (z0, jnp.zeros_like(z0)), jax.random.split(k, 500))
     return z

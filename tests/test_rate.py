@@ -123,7 +123,7 @@ def test_rate_curve_is_the_kl_of_the_code_blurred_at_each_floor():
 def test_vae_rate_latent_samples_its_posterior_and_zk_is_its_refined_mean():
   config = tiny.get_config()
   config.method = "vae"
-  config.em.beta = 4.0
+  config.bottleneck.beta = 4.0
   method = baselines.VAE(config, (8, 8, 1))
   state = jax.jit(method.init_state)(jax.random.key(0))
   n = 8000

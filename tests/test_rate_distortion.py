@@ -39,8 +39,8 @@ def test_sweep_writes_table_figure_and_rate_curve(tmp_path):
   assert not os.path.exists(tmp_path / "runs" / "vae_beta100_anneal" / "seed1")
   config = json.load(open(tmp_path / "runs" / "vae_beta100_anneal" / "seed0" / "config.json"))
   assert config["method"] == "vae" and config["model"]["decoder"] == "gaussian"
-  assert (config["em"]["beta"], config["em"]["beta_schedule"]) == (100.0, "anneal")
-  assert (config["em"]["beta_start"], config["em"]["beta_anneal_steps"]) == (1.0, 2)
+  assert (config["bottleneck"]["beta"], config["bottleneck"]["beta_schedule"]) == (100.0, "anneal")
+  assert (config["bottleneck"]["beta_start"], config["bottleneck"]["beta_anneal_steps"]) == (1.0, 2)
   for s in (vae, diffenc):
     assert s["steps"] == 2 and 0.0 <= s["probe_acc"] <= 1.0
     assert "recon_acc" not in s and "recon_fd" not in s  # no classifier in the sweep

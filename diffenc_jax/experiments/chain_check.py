@@ -196,7 +196,7 @@ def main(argv):
       lv = model.config.em.langevin
       print(f"{_WORKDIR.value}: {model.config.method}, {len(images)} "
             f"{'training' if _PERSISTENT.value else 'held-out'} examples, "
-            f"β = {model.config.em.beta:g}, {lv.num_steps} {lv.step_rule} steps, "
+            f"β = {model.config.bottleneck.beta:g}, {lv.num_steps} {lv.step_rule} steps, "
             f"{lv.mc_samples} draws{' (fresh)' if lv.get('fresh_draws', False) else ''}, "
             f"step {lv.step_size:g}, λ {lv.proposal} (centre {lv.log_snr_center:g}, scale "
             f"{lv.log_snr_scale:g}), {_DRAWS.value} ELBO draws")

@@ -56,7 +56,7 @@ def method_config(cfg, method: str, seed: int, beta: float | None = None):
   config = importlib.import_module(cfg.method_configs[method]).get_config()
   config.seed = seed
   if beta is not None:
-    config.em.beta = beta
+    config.bottleneck.beta = beta
   if cfg.num_steps == 0:
     return config
   config.train.num_steps = cfg.num_steps
@@ -92,7 +92,7 @@ def run(cfg, method: str, seed: int, beta: float | None, classifier, config=None
   trainer = train.Trainer(config, workdir)
   state = trainer.restore_or_init(require=True)
   suite = evaluate.comparison_metrics(config, trainer.method, state, classifier)
-  suite.update(method=method, seed=seed, beta=config.em.beta, steps=int(state.step),
+  suite.update(method=method, seed=seed, beta=config.bottleneck.beta, steps=int(state.step),
                wall_s=wall, rate_kind=trainer.method.rate_kind, device=describe_device())
   with open(path, "w") as f:
     json.dump(suite, f, indent=1)

@@ -100,7 +100,7 @@ def main(argv):
   cat = [np.concatenate([o[i] for o in outs], axis=-1 if i > 1 else 0) for i in range(9)]
   z0, code, fwd0, fwdk, mse0, msek, path_bands, terminal, rate = cat
   d = z0.shape[1]
-  print(f"{_WORKDIR.value}: {config.method}, β = {config.em.beta:g}, step {model.step}, "
+  print(f"{_WORKDIR.value}: {config.method}, β = {config.bottleneck.beta:g}, step {model.step}, "
         f"{len(images)} held-out digits, d = {d}")
   print(f"E‖z⁰‖² = {np.mean(np.sum(z0**2, -1)):.2f} (N(0, I): {d}); aggregate of z⁰ against "
         f"N(0, I), Gaussian fit: {aggregate_kl(z0):.2f} nats")

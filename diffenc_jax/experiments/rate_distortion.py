@@ -48,9 +48,9 @@ def point_config(cfg, method: str, seed: int, beta: float):
   # the sweep reports no classifier metrics: none is trained for its evaluations either
   config.eval.classifier_steps = 0
   if cfg.beta_schedule == "anneal":
-    config.em.beta_schedule = "anneal"
-    config.em.beta_start = min(cfg.beta_start, beta)
-    config.em.beta_anneal_steps = cfg.beta_anneal_steps
+    config.bottleneck.beta_schedule = "anneal"
+    config.bottleneck.beta_start = min(cfg.beta_start, beta)
+    config.bottleneck.beta_anneal_steps = cfg.beta_anneal_steps
   return config
 
 
