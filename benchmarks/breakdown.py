@@ -12,7 +12,7 @@ latent DDIM sampling of z⁰ (`DiffusionEncoder.encode`, of which the image feat
 Gauss-Newton precision of the E-step (the decoder's `precision_fn`: one `jacfwd`; then the
 `spd_factor` that factors it), the Langevin/MALA chain (`chain.posterior_sample`, which computes the
 precision once), the encoder update (value_and_grad of `encoder_loss` over
-em.encoder_noise_draws draws + Adam + EMA), the latent prior's step (`prior_step`, when
+model.enc_noise_draws draws + Adam + EMA), the latent prior's step (`prior_step`, when
 em.latent_prior is set) and the em.m_updates M-steps (`m_step`).
 
 `diffae64` (configs/diffae64.py, DiffAE; 32×32×3, batch 16 as in benchmarks/train_step.py):
@@ -58,13 +58,13 @@ TINY_OVERRIDES = {
     "mnist": {"model.latent_dim": 4, "model.enc_channels": (8, 16), "model.enc_features": 32,
               "model.enc_hidden": 32, "model.enc_blocks": 1, "model.dec_hidden": (32,),
               "encoder_sampler.num_steps": 2, "em.langevin.num_steps": 2,
-              "em.encoder_noise_draws": 2, "diffae.prior_hidden": 16, "diffae.prior_blocks": 1},
+              "model.enc_noise_draws": 2, "latent_prior.hidden": 16, "latent_prior.blocks": 1},
     "diffae64": {"model.latent_dim": 8, "model.unet_channels": 8,
                  "model.unet_channel_mult": (1,), "model.unet_num_res_blocks": 1,
                  "model.unet_attn_resolutions": (), "model.unet_emb_dim": 16,
                  "diffae.resnet_channels": 8, "diffae.resnet_channel_mult": (1,),
                  "diffae.resnet_num_res_blocks": 1, "diffae.resnet_attn_resolutions": (),
-                 "diffae.prior_hidden": 16, "diffae.prior_blocks": 1},
+                 "latent_prior.hidden": 16, "latent_prior.blocks": 1},
 }
 ROUND = "whole round"
 
@@ -322,7 +322,7 @@ def main(argv: list[str] | None = None):
   parser.add_argument("--tiny", action="store_true", help="tiny networks and batches")
   parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                       help="override a config field for every config, e.g. "
-                           "diffae.prior_blocks=1")
+                           "latent_prior.blocks=1")
   args = parser.parse_args(argv)
   overrides = dict(item.split("=", 1) for item in args.set)
   print(f"devices: {jax.devices()}")

@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None):
   parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                       help="PyTorch's intra-op threads (default: the usable cores)")
   parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                      help="override a field of our configs, e.g. diffae.prior_blocks=1")
+                      help="override a field of our configs, e.g. latent_prior.blocks=1")
   args = parser.parse_args(argv)
   pairs = args.configs.split(",")
   unknown = [p for p in pairs if p not in PAIRS]

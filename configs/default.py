@@ -37,6 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
   model.enc_blocks = 3
   model.enc_parameterization = "x0"  # eps | x0 | v: what the latent denoiser outputs
   model.enc_weighting = "x0"  # unit | vlb | x0 | v: w(t) of the encoder's denoising loss
+  model.enc_noise_draws = 4  # (t, ε) draws per (x, z) pair in each denoising update of it
   # gaussian decoder
   model.dec_arch = "mlp"  # mlp | conv
   model.dec_hidden = (1024, 1024)  # mlp
@@ -107,7 +108,6 @@ def get_config() -> ml_collections.ConfigDict:
   # {-s..s}², edges replicated) with the z^K of the unmoved image as its target: augmentation of
   # the encoder alone, which keeps one persistent chain per example (em.chain_slots)
   em.encoder_shift = 0
-  em.encoder_noise_draws = 4  # (t, ε) draws per (x, z^K) pair in each encoder update
   em.prox_weight = 0.0  # λ_prox: ½ λ_prox ‖z − z⁰‖² added to U
   # rounds of a DiffAE-style joint warm-up before EM (`phases.joint_round`): the
   # decoder's loss on z⁰ reaches the encoder through its sampler, so that z is informative
@@ -167,13 +167,13 @@ def get_config() -> ml_collections.ConfigDict:
   # (∇log π)², the `diagonal` step rule's per-example curvature
   em.curvature_decay = 0.5
   em.eval_refine_steps = 10  # Langevin steps from z⁰ at evaluation time
-  # fit a latent DDPM prior (diffae.prior_*) to the encoder's z⁰, one update per E-step, and
+  # fit a latent DDPM prior (latent_prior.*) to the encoder's z⁰, one update per E-step, and
   # sample through it instead of N(0, I), which the codes' aggregate distribution need not match
   em.latent_prior = False
 
   # --- baselines (docs/method.md §2; diffenc_jax/baselines.py) -----------------------------
   # vae: the encoder encoders.GaussianEncoder (model.enc_channels, enc_features), β bottleneck's.
-  # diffenc_joint: no fields of its own (em.encoder_noise_draws, encoder_sampler, bottleneck).
+  # diffenc_joint: no fields of its own (model.enc_noise_draws, encoder_sampler, bottleneck).
   config.diffae = diffae = ml_collections.ConfigDict()
   # semantic encoder (encoders.DeterministicEncoder): conv = ConvEncoder(model.enc_channels,
   # model.enc_features), resnet = ResNetEncoder(resnet_*) (DiffAE's: 64, (1, 2, 4, 8, 8),
@@ -183,19 +183,21 @@ def get_config() -> ml_collections.ConfigDict:
   diffae.resnet_channel_mult = (1, 2, 4, 8, 8)
   diffae.resnet_num_res_blocks = 2
   diffae.resnet_attn_resolutions = (16,)
-  # latent DDPM prior over z (for sampling), trained alongside on stop_gradient(z)
-  diffae.prior_hidden = 256
-  diffae.prior_blocks = 3
-  diffae.prior_lr = 1e-3
+  config.latent_prior = latent_prior = ml_collections.ConfigDict()
+  # a latent DDPM prior over z (for sampling), trained alongside on stop_gradient(z): DiffAE's,
+  # and diffenc's and diffenc_joint's with em.latent_prior (diffenc_jax/latent_prior.py)
+  latent_prior.hidden = 256
+  latent_prior.blocks = 3
+  latent_prior.lr = 1e-3
   # fit the prior to z standardised by running dataset statistics, de-standardise its samples
-  # (DiffAE's z-normalisation); diffenc's em.latent_prior uses it too
-  diffae.prior_normalize = False
-  diffae.prior_steps = 50  # latent DDIM steps when sampling z from the prior
+  # (DiffAE's z-normalisation)
+  latent_prior.normalize = False
+  latent_prior.steps = 50  # latent DDIM steps when sampling z from the prior
   # 0 = deterministic DDIM, 1 = ancestral (docs/method.md §1.9)
-  diffae.prior_eta = 1.0
-  # the prior's DDIM clips its predicted z_0 to ±prior_clip (0 = no clip): unclipped, the first
+  latent_prior.eta = 1.0
+  # the prior's DDIM clips its predicted z_0 to ±clip (0 = no clip): unclipped, the first
   # steps at log-SNR −15 blow the ε-network's error up by up to e^7.5
-  diffae.prior_clip = 10.0
+  latent_prior.clip = 10.0
   config.dmz = dmz = ml_collections.ConfigDict()
   dmz.temperature = 0.5  # relaxed-Bernoulli (Gumbel-sigmoid) temperature of the training codes
   # training codes rounded to {0, 1} in the forward pass (straight-through gradient)

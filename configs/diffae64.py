@@ -29,18 +29,18 @@ def get_config():
   config.model.unet_conditioning = "scale"
   config.model.dec_parameterization = "eps"
   config.model.dec_weighting = "unit"
-  config.diffae.prior_normalize = True
+  config.latent_prior.normalize = True
   config.diffae.encoder = "resnet"
   config.diffae.resnet_channels = 64
   config.diffae.resnet_channel_mult = (1, 2, 4, 8, 8)
   config.diffae.resnet_num_res_blocks = 2
   config.diffae.resnet_attn_resolutions = (16,)
-  config.diffae.prior_hidden = 2048
-  config.diffae.prior_blocks = 5
+  config.latent_prior.hidden = 2048
+  config.latent_prior.blocks = 5
   config.train.batch_size = 128
   config.train.enc_lr = 1e-4
   config.train.dec_lr = 1e-4
-  config.diffae.prior_lr = 1e-4
+  config.latent_prior.lr = 1e-4
   config.train.ema_decay = 0.9999
   config.eval.use_ema = True
   return config

@@ -17,7 +17,7 @@ def get_config():
   config.model.dec_parameterization = "v"
   config.model.dec_weighting = "v"
   config.model.unet_conditioning = "scale"
-  config.diffae.prior_normalize = True
+  config.latent_prior.normalize = True
   config.train.num_steps = 6000
   config.train.lr_schedule = "cosine"
   config.train.eval_every = 2000

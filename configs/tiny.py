@@ -17,7 +17,7 @@ def get_config():
   config.model.unet_emb_dim = 32
   config.encoder_sampler.num_steps = 4
   config.em.langevin.num_steps = 3
-  config.em.encoder_noise_draws = 2
+  config.model.enc_noise_draws = 2
   config.em.eval_refine_steps = 2
   config.train.batch_size = 16
   config.train.num_steps = 4

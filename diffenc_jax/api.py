@@ -265,7 +265,7 @@ class Autoencoder:
   def manipulate(self, x, direction, scale: float = 1.0, key: Array | None = None) -> Array:
     """Images x (B, H, W, C) edited by moving their code along `direction` (d,) in
     standardised z: z' = μ + s ⊙ ((z⁰ − μ)/s + scale · direction/‖direction‖), μ and s the
-    run's running code statistics (diffae.prior_normalize; else 0 and 1), e.g. a linear
+    run's running code statistics (latent_prior.normalize; else 0 and 1), e.g. a linear
     probe's class weight (fitted on standardised codes). A diffusion decoder decodes z' from
     x's own x_T (`encode_stochastic`), so what z does not carry is kept."""
     x = self._images(x)
@@ -282,7 +282,7 @@ class Autoencoder:
 
   def code_statistics(self) -> tuple[np.ndarray, np.ndarray]:
     """(mean (d,), std (d,)) with which `manipulate` standardises codes: the run's running
-    statistics of z⁰ (diffae.prior_normalize), else zeros and ones."""
+    statistics of z⁰ (latent_prior.normalize), else zeros and ones."""
     if "zstats" in self.params:
       stats = latent_prior.LatentDDPMPrior.mean_std(self.params["zstats"])
       return tuple(np.asarray(a) for a in stats)

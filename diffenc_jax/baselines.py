@@ -197,31 +197,24 @@ class DiffAE(Autoencoder):
       w(t) ‖ε − ε̂_θ(x_t, t, E_φ(x))‖²      (the decoder's loss, gradient through z into φ;
                                             DiffAE's is the unit ε-MSE, model.dec_weighting)
     + ‖ε' − ε_ψ(z_t, t)‖²,  z_t from stop_gradient(E_φ(x))   (the prior's own ε-MSE)
-  with θ, φ and ψ ('prior', own optimiser at diffae.prior_lr) updated in one step. DiffAE
+  with θ, φ and ψ ('prior', own optimiser at latent_prior.lr) updated in one step. DiffAE
   fits the latent DDPM afterwards, on the codes of the trained, frozen encoder; training it on
   detached codes in the same step is equivalent in that no gradient of the prior's loss
   reaches the autoencoder (and the prior's loss does not depend on θ), so the autoencoder
   trains exactly as DiffAE's, while the prior tracks its moving codes and is ready at any
-  checkpoint. With diffae.prior_normalize (DiffAE's z-normalisation) the prior is fitted to z
+  checkpoint. With latent_prior.normalize (DiffAE's z-normalisation) the prior is fitted to z
   standardised by running dataset statistics, kept in params['zstats'] and updated after each
   step, and its samples are de-standardised; the prior's sampler clips its predicted z_0 to
-  ±diffae.prior_clip (`latent_prior.LatentDDPMPrior`).
+  ±latent_prior.clip (`latent_prior.LatentDDPMPrior`).
 
   `rate` is +∞ (a deterministic encoder carries unbounded information about x);
-  `sample_latents` runs latent DDIM of the prior (diffae.prior_steps, diffae.prior_eta);
+  `sample_latents` runs latent DDIM of the prior (latent_prior.steps, latent_prior.eta);
   `decode` is image DDIM with config.eval.decoder_steps.
   """
 
   progress_keys = ("dec_loss", "prior_loss")
   rate_kind = "∞ (deterministic)"
   q_class = encoders.DeterministicEncoder
-
-  @staticmethod
-  def validate(config) -> None:
-    """Raises ValueError with one line on a bad diffae section (its encoder's fields are the
-    piece's: `encoders.DeterministicEncoder.validate`)."""
-    d = config.diffae
-    _require(d.prior_steps >= 1, f"diffae.prior_steps must be >= 1, got {d.prior_steps}")
 
   def __init__(self, config, data_shape: tuple[int, ...]):
     super().__init__(config, data_shape)
@@ -236,7 +229,7 @@ class DiffAE(Autoencoder):
     return params
 
   def update(self, state: TrainState, x: Array, key: Array):
-    """One joint update, then (with diffae.prior_normalize) the running z statistics."""
+    """One joint update, then (with latent_prior.normalize) the running z statistics."""
     (_, metrics), grads = jax.value_and_grad(self.loss, has_aux=True)(state.params, x, key)
     state = self.apply_gradients(state, grads)
     if self.prior.normalize:  # the codes of the updated encoder (no gradient)

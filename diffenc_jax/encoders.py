@@ -46,7 +46,7 @@ class LatentDiffusionEncoder:
   @staticmethod
   def validate(config) -> None:
     """Raises ValueError with one line on a bad config of the latent diffusion encoder
-    (model.enc_parameterization, enc_weighting; encoder_sampler; em.encoder_noise_draws)."""
+    (model.enc_parameterization, enc_weighting; encoder_sampler; model.enc_noise_draws)."""
     m, s = config.model, config.encoder_sampler
 
     def require(ok, message):
@@ -61,8 +61,8 @@ class LatentDiffusionEncoder:
     require(s.num_steps >= 1, f"encoder_sampler.num_steps must be >= 1, got {s.num_steps}")
     require(0 <= s.eta <= 1, f"encoder_sampler.eta must be in [0, 1], got {s.eta}")
     require(s.clip > 0, f"encoder_sampler.clip must be > 0, got {s.clip}")
-    require(config.em.encoder_noise_draws >= 1,
-            f"em.encoder_noise_draws must be >= 1, got {config.em.encoder_noise_draws}")
+    require(config.model.enc_noise_draws >= 1,
+            f"model.enc_noise_draws must be >= 1, got {config.model.enc_noise_draws}")
 
   def __init__(self, config, data_shape: tuple[int, ...]):
     m = config.model
@@ -113,9 +113,9 @@ class LatentDiffusionEncoder:
 
   def loss(self, params, x: Array, z: Array, key: Array) -> Array:
     """Mean denoising loss of the encoder on the pairs (x, z), averaged over
-    `em.encoder_noise_draws` draws of (t, ε) per pair: the features h(x) are computed once
+    `model.enc_noise_draws` draws of (t, ε) per pair: the features h(x) are computed once
     and shared, so extra draws cost only the small latent MLP."""
-    n = self.config.em.encoder_noise_draws
+    n = self.config.model.enc_noise_draws
     h = jnp.repeat(self.features(params, x), n, axis=0)
     return losses.denoising_loss(self.eps_fn(params, h), jnp.repeat(z, n, axis=0), key,
                                  self.schedule, weighting=self.config.model.enc_weighting).mean()

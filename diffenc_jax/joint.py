@@ -26,7 +26,7 @@ class DiffusionEncoderJoint(encoders.DiffusionCodeMethod, baselines.OneLossMetho
   with z⁰ differentiable in φ through every sampler step, θ and φ updated in one step.
   The first two terms are β·U(z⁰), the energy U = NLL/β − log p(z) + const that the E-step's
   Langevin chain descends (docs/method.md §1.5), here descended by φ through the sampler instead of
-  by z; the last is the encoder's own denoising loss (em.encoder_noise_draws draws), which EM
+  by z; the last is the encoder's own denoising loss (model.enc_noise_draws draws), which EM
   applies on z^K and which here, with no refinement, applies on the encoder's own sample. This
   is "one loss, gradient through the DDIM chain" (docs/method.md §2) with everything else equal to
   EM: same U, β, networks and encoder loss, and the opposing pulls — the decoder's pressure

@@ -19,14 +19,27 @@ from diffenc_jax import losses, models, samplers, schedules, train_state
 Array = jax.Array
 
 
+def validate(section) -> None:
+  """Raises ValueError with one line on a bad config.latent_prior."""
+  for name in ("hidden", "blocks", "steps"):
+    if not section[name] >= 1:
+      raise ValueError(f"latent_prior.{name} must be >= 1, got {section[name]}")
+  if not section.lr > 0:
+    raise ValueError(f"latent_prior.lr must be > 0, got {section.lr}")
+  if not 0 <= section.eta <= 1:
+    raise ValueError(f"latent_prior.eta must be in [0, 1], got {section.eta}")
+  if not section.clip >= 0:
+    raise ValueError(f"latent_prior.clip must be >= 0 (0: no clip), got {section.clip}")
+
+
 class LatentDDPMPrior:
   """A latent DDPM p(z) fitted to stop_gradient(z) of an encoder's codes, for sampling them:
-  `models.LatentPrior` (config.diffae.prior_hidden, prior_blocks) trained by the unit-weighted
-  ε-MSE on the latent schedule, sampled by latent DDIM (diffae.prior_steps, diffae.prior_eta)
-  with the predicted z_0 clipped to ±diffae.prior_clip. DiffAE's prior, and diffenc's when
+  `models.LatentPrior` (config.latent_prior.hidden, blocks) trained by the unit-weighted
+  ε-MSE on the latent schedule, sampled by latent DDIM (latent_prior.steps, latent_prior.eta)
+  with the predicted z_0 clipped to ±latent_prior.clip. DiffAE's prior, and diffenc's when
   em.latent_prior is set.
 
-  With diffae.prior_normalize the DDPM is fitted to z standardised per dimension by running
+  With latent_prior.normalize the DDPM is fitted to z standardised per dimension by running
   dataset statistics (`init_stats` / `update_stats`: an exponential moving average, decay
   STATS_DECAY, of the batches' means and second moments) and its samples are
   de-standardised: DiffAE's z-normalisation, which makes the prior's task independent of the
@@ -34,20 +47,20 @@ class LatentDDPMPrior:
 
   The clip matters: at the latent schedule's log-SNR of −15 the first DDIM steps multiply the
   ε-network's error by up to σ/α ≈ 1,800 (docs/benchmarks.md has what that did unclipped); so
-  does the ancestral sampler (diffae.prior_eta = 1; tests/test_train.py)."""
+  does the ancestral sampler (latent_prior.eta = 1; tests/test_train.py)."""
 
   STATS_DECAY = 0.99
 
   def __init__(self, config, schedule: schedules.Schedule):
-    d = config.diffae
+    d = config.latent_prior
     self.config = config
     self.schedule = schedule
     self.latent_dim = config.model.latent_dim
-    self.normalize = d.prior_normalize
-    self.module = models.LatentPrior(self.latent_dim, hidden=d.prior_hidden,
-                                     num_blocks=d.prior_blocks)
-    # Adam at diffae.prior_lr, one update per batch of a round, no weight decay
-    self.optimizer = train_state.optimizer_for(config, d.prior_lr, config.train.batches_per_round,
+    self.normalize = d.normalize
+    self.module = models.LatentPrior(self.latent_dim, hidden=d.hidden,
+                                     num_blocks=d.blocks)
+    # Adam at latent_prior.lr, one update per batch of a round, no weight decay
+    self.optimizer = train_state.optimizer_for(config, d.lr, config.train.batches_per_round,
                                                weight_decay=False)
 
   def init(self, key: Array):
@@ -83,9 +96,9 @@ class LatentDDPMPrior:
 
   def sample(self, params, key: Array, n: int, stats: dict | None = None) -> Array:
     """n latents (n, d) by latent DDIM, de-standardised by `stats` if given."""
-    d = self.config.diffae
+    d = self.config.latent_prior
     z = samplers.latent_ddim(self.eps_fn(params), key, (n, self.latent_dim), self.schedule,
-                             d.prior_steps, eta=d.prior_eta, clip=d.prior_clip)
+                             d.steps, eta=d.eta, clip=d.clip)
     if stats is not None:
       mean, std = self.mean_std(stats)
       z = mean + std * z
@@ -93,7 +106,7 @@ class LatentDDPMPrior:
 
   def step(self, state: train_state.TrainState, z: Array, key: Array, ema_decay: float):
     """One update of the prior (state.params['prior'], its optimiser and EMA) on the detached
-    codes z (B, d), then the running statistics (with diffae.prior_normalize): (state, loss)."""
+    codes z (B, d), then the running statistics (with latent_prior.normalize): (state, loss)."""
     stats = state.params.get("zstats")
     loss, grads = jax.value_and_grad(lambda p: self.loss(p, z, key, stats).mean())(
         state.params["prior"])

@@ -27,7 +27,7 @@ from __future__ import annotations
 import importlib
 from typing import NamedTuple
 
-from diffenc_jax import decoders, encoders
+from diffenc_jax import decoders, encoders, latent_prior
 
 
 class Entry(NamedTuple):
@@ -73,7 +73,8 @@ def get_method(config, data_shape: tuple[int, ...]):
 def validate(config) -> None:
   """The checks of config.method's pieces in turn, each of its own section: its decoder
   (`decoders.validate`, and that the method runs with it), its encoder (the piece's `validate`,
-  where it has one), then the method's own (`cls.validate`, where it has one).
+  where it has one), the method's own (`cls.validate`, where it has one), then its latent
+  prior's (`latent_prior.validate`, where it fits one).
   Raises ValueError with one line."""
   entry = TABLE[config.method]
   if entry.decoder not in ("any", config.model.decoder):
@@ -83,3 +84,5 @@ def validate(config) -> None:
     check = getattr(piece, "validate", None)
     if check is not None:
       check(config)
+  if config.method == "diffae" or (entry.encoder == "diffusion" and config.em.latent_prior):
+    latent_prior.validate(config.latent_prior)  # the methods that fit a latent prior

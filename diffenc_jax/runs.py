@@ -102,7 +102,9 @@ MOVED_FIELDS = (
     ("em.beta_anneal_steps", "bottleneck.beta_anneal_steps", "moved"),
     ("em.e_updates", "train.batches_per_round", "moved"),
     ("em.langevin.mc_samples", "model.dec_nll_samples", "copied"),
-)
+    ("em.encoder_noise_draws", "model.enc_noise_draws", "moved"),
+) + tuple((f"diffae.prior_{name}", f"latent_prior.{name}", "moved")
+          for name in ("hidden", "blocks", "lr", "normalize", "steps", "eta", "clip"))
 
 
 def upgrade_fields(fields: dict) -> dict:

@@ -178,13 +178,17 @@ def test_load_of_a_config_without_a_field_names_it(tmp_path, workdir):
 
 def _as_written_before_the_moves(fields: dict, nll_draws: int | None = None) -> dict:
   """config.json's fields as a version before runs.MOVED_FIELDS wrote them: the bottleneck's β
-  fields and train.batches_per_round in em, no model.dec_nll_samples (the NLL took
-  em.langevin.mc_samples draws, set to nll_draws where given)."""
+  fields, train.batches_per_round and model.enc_noise_draws in em, the latent prior's in diffae
+  (as prior_*), no model.dec_nll_samples (the NLL took em.langevin.mc_samples draws, set to
+  nll_draws where given)."""
   import copy
   old = copy.deepcopy(fields)
   for name, value in old.pop("bottleneck").items():
     old["em"][name] = value
   old["em"]["e_updates"] = old["train"].pop("batches_per_round")
+  old["em"]["encoder_noise_draws"] = old["model"].pop("enc_noise_draws")
+  for name, value in old.pop("latent_prior").items():
+    old["diffae"][f"prior_{name}"] = value
   draws = old["model"].pop("dec_nll_samples")
   old["em"]["langevin"]["mc_samples"] = draws if nll_draws is None else nll_draws
   return old
@@ -212,6 +216,7 @@ def test_a_run_written_before_fields_moved_reads_at_their_new_place(tmp_path, wo
   assert (fields["bottleneck"]["beta"], fields["train"]["batches_per_round"]) == (4.0, 1)
   assert fields["model"]["dec_nll_samples"] == 3 == fields["em"]["langevin"]["mc_samples"]
   assert "beta" not in fields["em"] and "e_updates" not in fields["em"]
+  assert not any(name.startswith("prior_") for name in fields["diffae"])
   loaded = api.Autoencoder.load(str(old))
   assert loaded.config.bottleneck.beta == 4.0
   jax.tree.map(np.testing.assert_array_equal, loaded.params, model.params)
@@ -245,7 +250,7 @@ def diffae_model(tmp_path_factory):
   config = tiny.get_config()
   config.method, config.model.decoder, config.model.denoiser = "diffae", "diffusion", "dit"
   config.model.dit_width, config.model.dit_depth = 32, 1
-  config.diffae.prior_normalize = True
+  config.latent_prior.normalize = True
   config.train.num_steps, config.train.eval_every, config.train.checkpoint_every = 20, 20, 20
   config.eval.decoder_steps = 10
   train.train_and_evaluate(config, workdir)

@@ -173,6 +173,10 @@ def test_joint_gradient_flows_through_the_ddim_chain(tmp_path):
     ("dmz", {"dmz.temperature": 0.0}, "dmz.temperature must be > 0"),
     ("diffae", {"model.decoder": "gaussian"}, "needs model.decoder='diffusion'"),
     ("diffae", {"diffae.encoder": "vit"}, "unknown diffae.encoder"),
+    ("diffae", {"latent_prior.steps": 0}, "latent_prior.steps must be >= 1"),
+    ("diffae", {"latent_prior.eta": 2.0}, "latent_prior.eta must be in"),
+    ("diffenc_joint", {"em.latent_prior": True, "latent_prior.clip": -1.0},
+     "latent_prior.clip must be >= 0"),
 ])
 def test_bad_baseline_config_fails_with_one_line(method, override, message):
   with pytest.raises(train.UsageError) as err:

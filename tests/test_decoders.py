@@ -103,7 +103,7 @@ def test_ddim_inversion_of_an_exact_point_mass_round_trips():
 
 def test_latent_prior_standardises_with_running_statistics():
   config = tiny.get_config()
-  config.diffae.prior_normalize = True
+  config.latent_prior.normalize = True
   prior = latent_prior.LatentDDPMPrior(config, SCHED)
   mean, std = jnp.array([2.0, -1.0, 0.0, 5.0]), jnp.array([0.5, 1.5, 3.0, 0.1])
   stats = prior.init_stats()

@@ -73,6 +73,9 @@ def tiny_config(**overrides):
     ({"eval.rate_estimator": "elbo"}, "unknown eval.rate_estimator 'elbo'"),
     ({"eval.rate_spacing": "cosine"}, "unknown eval.rate_spacing 'cosine'"),
     ({"eval.rate_steps": 0}, "eval.rate_steps must be >= 1"),
+    ({"train.batches_per_round": 0}, "train.batches_per_round must be >= 1"),
+    ({"bottleneck.beta": 0.0}, "bottleneck.beta must be > 0"),
+    ({"model.enc_noise_draws": 0}, "model.enc_noise_draws must be >= 1"),
 ])
 def test_bad_config_fails_with_one_line(override, message):
   with pytest.raises(train.UsageError) as err:
@@ -376,8 +379,8 @@ def test_latent_ddpm_prior_fits_a_gaussian():
   import jax.numpy as jnp
   import optax
   from diffenc_jax import latent_prior, schedules
-  config = tiny_config(**{"model.latent_dim": 2, "diffae.prior_hidden": 64,
-                          "diffae.prior_blocks": 2, "diffae.prior_steps": 50})
+  config = tiny_config(**{"model.latent_dim": 2, "latent_prior.hidden": 64,
+                          "latent_prior.blocks": 2, "latent_prior.steps": 50})
   prior = latent_prior.LatentDDPMPrior(config, schedules.get_schedule(**config.schedule))
   mu, s = jnp.array([2.0, -1.0]), jnp.array([0.5, 1.5])
   opt = optax.adam(3e-3)
