@@ -158,8 +158,7 @@ class DiffusionEncoder(encoders.DiffusionCodeMethod):
     """z⁰ from the encoder and z^K after `num_steps` Langevin steps (the E-step's
     em.langevin.num_steps by default; num_steps=0: z^K = z⁰ and no diagnostics) at temperature
     β (bottleneck.beta by default) from z⁰, with the chain's diagnostics (stage: the `Stage`
-    whose
-    chain runs, "em" by default). resume = (z_prev (B, d), seen (B,) bool, curvature (B, d)):
+    whose chain runs, "em" by default). resume = (z_prev (B, d), seen (B,) bool, curvature (B, d)):
     persistent chains, which continue from z_prev where seen and start at z⁰ elsewhere, with
     the `diagonal` rule's curvature estimate (≤ 0: unknown). No gradients."""
     k_enc, k_chain = jax.random.split(key)
