@@ -53,8 +53,8 @@ class OneLossMethod:
   def train_round(self, state: TrainState, xs: Array, key: Array):
     """One joint update per batch of xs (E, B, ...). Returns (state with step + 1, the
     metrics averaged over the batches)."""
-    # E = train.batches_per_round is a small config integer: a trace-time loop, as in em.py (XLA:CPU
-    # runs a conv net inside a loop body about twice as slowly as at top level)
+    # E = train.batches_per_round is a small config integer: a trace-time loop, as in em.py
+    # (XLA:CPU runs a conv net inside a loop body about twice as slowly as at top level)
     metrics = []
     for i in range(xs.shape[0]):
       state, m = self.update(state, xs[i], jax.random.fold_in(key, i))

@@ -300,8 +300,8 @@ class DiffusionEncoder(encoders.DiffusionCodeMethod):
     return phases.joint_round(self, state, xs, key)
 
   def phase_at(self, step: int) -> str:
-    """The phase of round `step` (a Python int; `phases.phase_at`). The trainer compiles one program per phase
-    (`train_round(..., phase=...)`) rather than one with a `lax.cond` over the forms, which
+    """The phase of round `step` (a Python int; `phases.phase_at`). The trainer compiles one
+    program per phase (`train_round(..., phase=...)`) rather than one with a `lax.cond` over the forms, which
     slows the EM round (docs/recipes.md, "One program per phase")."""
     return phases.phase_at(self.config, step, gaussian_warmup=self.warm_decoder is not None)
 
