@@ -156,9 +156,11 @@ def get_config() -> ml_collections.ConfigDict:
   em.warm_langevin = ml_collections.ConfigDict(langevin.to_dict())
   # the gaussian warm-up's own β (0: bottleneck.beta's schedule) and shift augmentation of its
   # rounds (0: none); with shifts the warm-up leaves the persistent chains' slots empty, so
-  # that EM's first visit of an example starts at z⁰ rather than at a shifted copy's code
+  # that EM's first visit of an example starts at z⁰ rather than at a shifted copy's code, or
+  # (warm_fill_unshifted) fills them from its unshifted visits only
   em.warm_beta = 0.0
   em.warm_shift = 0
+  em.warm_fill_unshifted = False
   # persistent chains: > 0 keeps each training example's last z^K (this many slots, at least the
   # train split's size × (2 data.augment_shift + 1)², one per shifted copy) and continues its
   # chain there at the next visit, outside any warm-up

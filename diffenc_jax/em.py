@@ -174,12 +174,13 @@ class DiffusionEncoder(encoders.DiffusionCodeMethod):
     return {"z0": z0, "zK": zk, "info": info}
 
   def e_step(self, state: TrainState, x: Array, key: Array, stage: Stage | str | None = None,
-             index: Array | None = None):
+             index: Array | None = None, fill: Array | None = None):
     """One E-step on a batch x: returns (state, metrics, latents). stage: the phase's `Stage`
     ("em" by default; "gaussian_warmup": the chain on the auxiliary gaussian decoder).
     index (B,): the examples' train-split indices, for persistent chains (em.chain_slots): an
     example's chain continues from its last z^K (where the stage continues chains; its first
-    visit starts at z⁰), and z^K is kept (where the stage fills them)."""
+    visit starts at z⁰), and z^K is kept (where the stage fills them; fill (B,) bool: only
+    where true)."""
     stage = self.stage_of(stage)
     k_lat, k_enc = jax.random.split(key)
     chains, resume = state.opt_state.get("chains"), None
@@ -197,8 +198,10 @@ class DiffusionEncoder(encoders.DiffusionCodeMethod):
         if stage.continue_chains:  # a running mean of (∇log π)²: the `diagonal` rule's
           curv = curv.at[slot].set(running_curvature(curv[slot], lat["info"].grad_sq,
                                                      self.config.em.curvature_decay))
-        chains = {"z": chains["z"].at[slot].set(zk),
-                  "visits": chains["visits"].at[slot].add(1), "curvature": curv}
+        keep = jnp.ones(zk.shape[:1], bool) if fill is None else fill
+        chains = {"z": chains["z"].at[slot].set(jnp.where(keep[:, None], zk, chains["z"][slot])),
+                  "visits": chains["visits"].at[slot].add(keep.astype(jnp.int32)),
+                  "curvature": curv}
         state = state.replace(opt_state={**state.opt_state, "chains": chains})
       chain_metrics["chain_visits"] = jnp.mean(chains["visits"][slot].astype(jnp.float32))
 
@@ -274,18 +277,21 @@ class DiffusionEncoder(encoders.DiffusionCodeMethod):
 
   # --- one round -----------------------------------------------------------------------
   def em_round(self, state: TrainState, xs: Array, key: Array,
-               stage: Stage | str | None = None, index: Array | None = None):
+               stage: Stage | str | None = None, index: Array | None = None,
+               fill: Array | None = None):
     """An E-step per batch of xs (E, B, ...), then m_updates M-steps reusing those batches'
     latents in turn, both of the `Stage` given ("em" by default). Returns
     (state, metrics); the step is not advanced. index (E, B): the examples' train-split
-    indices (persistent chains)."""
+    indices (persistent chains); fill (E, B) bool: which examples' z^K the chains keep (all
+    where None)."""
     stage = self.stage_of(stage)
     # E and m_updates are small config integers: trace-time loops (see e_step)
     num_e = xs.shape[0]
     e_metrics, lats = [], []
     for i in range(num_e):
       state, metrics, lat = self.e_step(state, xs[i], jax.random.fold_in(key, i), stage,
-                                        None if index is None else index[i])
+                                        None if index is None else index[i],
+                                        None if fill is None else fill[i])
       e_metrics.append(metrics)
       lats.append(lat)
     m_metrics = []
@@ -321,11 +327,13 @@ class DiffusionEncoder(encoders.DiffusionCodeMethod):
       return self.em_round(state, xs, key, index=index)
 
     def gaussian_warmup(state):
-      shift, xs_w, k_round = self.config.em.get("warm_shift", 0), xs, key
+      shift, xs_w, k_round, fill = self.config.em.get("warm_shift", 0), xs, key, None
       if shift:  # em.warm_shift: the warm-up's rounds on shifted images
         k_shift, k_round = jax.random.split(key)
-        xs_w = data.random_shift(k_shift, xs, shift)
-      return self.em_round(state, xs_w, k_round, "gaussian_warmup", index=index)
+        xs_w, offset = data.random_shift(k_shift, xs, shift, return_offsets=True)
+        if self.config.em.get("warm_fill_unshifted", False):  # the chains keep unshifted z^K
+          fill = offset == shift * (2 * shift + 1) + shift
+      return self.em_round(state, xs_w, k_round, "gaussian_warmup", index=index, fill=fill)
 
     def joint_warmup(state):
       em_metrics = jax.eval_shape(em, state)[1]

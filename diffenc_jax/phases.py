@@ -46,7 +46,8 @@ def stages(config, gaussian_warmup: bool) -> dict[str, Stage]:
   """{"em": the EM round's stage} and, with gaussian_warmup, the warm-up's: its chain on the
   auxiliary gaussian decoder does not continue the persistent chains; it leaves its z^K in
   them unless its images are shifted (em.warm_shift: a shifted image's code is no start for
-  the unshifted image's chain, and EM's first visit then starts at z⁰); its M-step gives the
+  the unshifted image's chain, and EM's first visit then starts at z⁰), or only its unshifted
+  visits' z^K (em.warm_fill_unshifted, one visit in (2 em.warm_shift + 1)²); its M-step gives the
   diffusion decoder no z⁰ term (z⁰ is close to z^K there, and each term costs a pass of the
   denoiser)."""
   em_ = config.em
@@ -54,7 +55,8 @@ def stages(config, gaussian_warmup: bool) -> dict[str, Stage]:
   if gaussian_warmup:
     out["gaussian_warmup"] = Stage("gaussian_warmup", "warm_decoder", em_.warm_langevin,
                                    em_.get("warm_beta", 0.0), False,
-                                   not em_.get("warm_shift", 0), 0.0)
+                                   not em_.get("warm_shift", 0)
+                                   or em_.get("warm_fill_unshifted", False), 0.0)
   return out
 
 
@@ -80,6 +82,9 @@ def validate(config) -> None:
   warm_beta, warm_shift = em_.get("warm_beta", 0.0), em_.get("warm_shift", 0)
   require(warm_beta >= 0, f"em.warm_beta must be >= 0, got {warm_beta}")
   require(warm_shift >= 0, f"em.warm_shift must be >= 0, got {warm_shift}")
+  require(not em_.get("warm_fill_unshifted", False) or warm_shift,
+          "em.warm_fill_unshifted keeps the shifted warm-up's unshifted visits: needs "
+          "em.warm_shift > 0")
   require(not ((warm_beta or warm_shift) and not em_.gaussian_warmup_rounds),
           "em.warm_beta and em.warm_shift are the gaussian warm-up's: they need "
           "em.gaussian_warmup_rounds > 0")

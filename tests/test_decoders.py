@@ -291,6 +291,41 @@ def test_gaussian_warmup_has_its_own_beta_and_shifts():
     methods.validate(bad)
 
 
+def test_shifted_warmup_fills_chains_from_its_unshifted_visits():
+  """em.warm_fill_unshifted: the shifted warm-up trains as without it (bitwise) and keeps z^K
+  in the slots of exactly the examples it saw unshifted (offset (s, s)), the others' slots
+  left as they were."""
+  config = tiny.get_config()
+  config.model.decoder, config.model.denoiser = "diffusion", "dit"
+  config.model.dit_width, config.em.gaussian_warmup_rounds = 16, 1
+  config.em.langevin.step_rule, config.em.langevin.mala = "snr", False
+  config.em.chain_slots, config.em.warm_shift = 64, 1
+  empty = methods.get_method(config, (28, 28, 1))
+  config.em.warm_fill_unshifted = True
+  m = methods.get_method(config, (28, 28, 1))
+  state = jax.jit(m.init_state)(jax.random.key(0))
+  xs = jax.random.uniform(jax.random.key(1), (1, 32, 28, 28, 1), minval=-1, maxval=1)
+  key, index = jax.random.key(2), jnp.arange(32)[None] * 2
+  phased = lambda method: jax.jit(method.train_round, static_argnames="phase")
+  out, _ = phased(m)(state, xs, key, index, phase="gaussian_warmup")
+  ref, _ = phased(empty)(state, xs, key, index, phase="gaussian_warmup")
+  for a, b in zip(jax.tree.leaves(out.params), jax.tree.leaves(ref.params)):
+    np.testing.assert_array_equal(a, b)
+  _, offset = data.random_shift(jax.random.split(key)[0], xs, 1, return_offsets=True)
+  unshifted = np.asarray(offset[0] == 4)
+  assert 0 < unshifted.sum() < 32  # both kinds of visit occur, so the check below can fail
+  visits = np.asarray(out.opt_state["chains"]["visits"])
+  expected = np.zeros(64, int)
+  expected[np.asarray(index[0])[unshifted]] = 1
+  np.testing.assert_array_equal(visits, expected)
+  z = np.asarray(out.opt_state["chains"]["z"])
+  assert np.all(np.abs(z[expected == 1]).sum(-1) > 0) and not np.any(z[expected == 0])
+  bad = copy.deepcopy(config)
+  bad.em.warm_shift = 0
+  with pytest.raises(ValueError, match="em.warm_fill_unshifted .* needs em.warm_shift > 0"):
+    methods.validate(bad)
+
+
 def test_encoder_rate_scaled_once_em_starts():
   """em.em_enc_lr_scale: Adam's first updates have size ≈ lr; from the round the gaussian
   warm-up ends (× updates per round) on they are scale × that, and not before."""
