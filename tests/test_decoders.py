@@ -191,16 +191,23 @@ def test_joint_warmup_rounds_then_em_rounds():
   assert max(jax.tree.leaves(diff)) > 0
 
 
+def _gaussian_warmup_config():
+  """The tiny config with a small transformer diffusion decoder, one gaussian warm-up round and
+  the cheap `snr` chain for EM."""
+  config = tiny.get_config()
+  config.model.decoder, config.model.denoiser = "diffusion", "dit"
+  config.model.dit_width, config.em.gaussian_warmup_rounds = 16, 1
+  config.em.langevin.step_rule, config.em.langevin.mala = "snr", False
+  return config
+
+
 def test_gaussian_warmup_rounds_then_diffusion_em():
   """em.gaussian_warmup_rounds: the first rounds run the E-step on the auxiliary gaussian
   decoder (z^K equals `posterior_sample` on it with em.warm_langevin's chain) and update both
   decoders on its latents; later rounds are plain `em_round`s on the diffusion decoder and leave
   the gaussian one alone. The trainer compiles each phase as a program of its own (`phase_at`):
   the same numbers, without the other phase's branch."""
-  config = tiny.get_config()
-  config.model.decoder, config.model.denoiser = "diffusion", "dit"
-  config.model.dit_width, config.em.gaussian_warmup_rounds = 16, 1
-  config.em.langevin.step_rule, config.em.langevin.mala = "snr", False
+  config = _gaussian_warmup_config()
   config.em.warm_langevin.num_steps = 2
   m = methods.get_method(config, (28, 28, 1))
   state = jax.jit(m.init_state)(jax.random.key(0))
@@ -248,10 +255,7 @@ def test_gaussian_warmup_has_its_own_beta_and_shifts():
   as the trainer's augmentation does); the EM round's stage is unchanged. With persistent
   chains a shifted warm-up leaves their slots empty (EM's first visit then starts at z⁰, not at
   a shifted copy's code); an unshifted one fills them."""
-  config = tiny.get_config()
-  config.model.decoder, config.model.denoiser = "diffusion", "dit"
-  config.model.dit_width, config.em.gaussian_warmup_rounds = 16, 1
-  config.em.langevin.step_rule, config.em.langevin.mala = "snr", False
+  config = _gaussian_warmup_config()
   config.bottleneck.beta, config.em.chain_slots = 0.25, 64
   base = methods.get_method(config, (28, 28, 1))
   own = copy.deepcopy(config)
@@ -295,10 +299,7 @@ def test_shifted_warmup_fills_chains_from_its_unshifted_visits():
   """em.warm_fill_unshifted: the shifted warm-up trains as without it (bitwise) and keeps z^K
   in the slots of exactly the examples it saw unshifted (offset (s, s)), the others' slots
   left as they were."""
-  config = tiny.get_config()
-  config.model.decoder, config.model.denoiser = "diffusion", "dit"
-  config.model.dit_width, config.em.gaussian_warmup_rounds = 16, 1
-  config.em.langevin.step_rule, config.em.langevin.mala = "snr", False
+  config = _gaussian_warmup_config()
   config.em.chain_slots, config.em.warm_shift = 64, 1
   empty = methods.get_method(config, (28, 28, 1))
   config.em.warm_fill_unshifted = True
