@@ -108,6 +108,12 @@ def get_config() -> ml_collections.ConfigDict:
   # {-s..s}², edges replicated) with the z^K of the unmoved image as its target: augmentation of
   # the encoder alone, which keeps one persistent chain per example (em.chain_slots)
   em.encoder_shift = 0
+  # shift augmentation of the EM rounds (after any warm-up): each image is moved by up to this
+  # many pixels (uniform on {-s..s}², edges replicated) with probability em_shift_fraction; a
+  # moved image's chain starts at its z⁰ and leaves its persistent chain's slot as it was, an
+  # unmoved one continues its slot (one slot per example, em.chain_slots)
+  em.em_shift = 0
+  em.em_shift_fraction = 1.0
   em.prox_weight = 0.0  # λ_prox: ½ λ_prox ‖z − z⁰‖² added to U
   # rounds of a DiffAE-style joint warm-up before EM (`phases.joint_round`): the
   # decoder's loss on z⁰ reaches the encoder through its sampler, so that z is informative

@@ -71,6 +71,12 @@ def validate_config(config, num_devices: int | None = None) -> None:
   check(encoder_shift == 0 or config.data.name != "toy2d", "em.encoder_shift needs image data")
   check(encoder_shift == 0 or config.method == "diffenc",
         "em.encoder_shift (the E-step's encoder update) needs method='diffenc'")
+  em_shift, fraction = config.em.get("em_shift", 0), config.em.get("em_shift_fraction", 1.0)
+  check(em_shift >= 0, f"em.em_shift must be >= 0, got {em_shift}")
+  check(em_shift == 0 or config.data.name != "toy2d", "em.em_shift needs image data")
+  check(em_shift == 0 or config.method == "diffenc",
+        "em.em_shift (the EM rounds' shifts) needs method='diffenc'")
+  check(0 < fraction <= 1, f"em.em_shift_fraction must be in (0, 1], got {fraction}")
   check(config.train.lr_schedule in LR_SCHEDULES,
         f"unknown train.lr_schedule {config.train.lr_schedule!r}; choose one of {LR_SCHEDULES}")
   check(0 <= config.train.final_lr <= 1,
@@ -132,7 +138,7 @@ def validate_data(config, info: data.DatasetInfo) -> None:
     raise UsageError(f"bad config: em.chain_slots={slots} must be at least the {n} training "
                      f"examples of {info.name} × their {copies} shifted copies "
                      f"(data.augment_shift={shift}): one persistent chain each")
-  for name in ("data.augment_shift", "em.encoder_shift", "em.warm_shift"):
+  for name in ("data.augment_shift", "em.encoder_shift", "em.warm_shift", "em.em_shift"):
     section, field = name.split(".")
     s = config[section].get(field, 0)
     if info.is_image and 2 * s >= min(info.shape[:2]):

@@ -179,29 +179,38 @@ class DiffusionEncoder(encoders.DiffusionCodeMethod):
     ("em" by default; "gaussian_warmup": the chain on the auxiliary gaussian decoder).
     index (B,): the examples' train-split indices, for persistent chains (em.chain_slots): an
     example's chain continues from its last z^K (where the stage continues chains; its first
-    visit starts at z⁰), and z^K is kept (where the stage fills them; fill (B,) bool: only
-    where true)."""
+    visit starts at z⁰), and z^K is kept (where the stage fills them). fill (B,) bool: the
+    examples whose image is their slot's own (an unshifted one): only their chains continue and
+    keep z^K; the others' chains start at z⁰ with an unknown curvature and leave their slots as
+    they were (None: all)."""
     stage = self.stage_of(stage)
     k_lat, k_enc = jax.random.split(key)
     chains, resume = state.opt_state.get("chains"), None
     if chains is not None:
       slot = index % self.chain_slots
       if stage.continue_chains:
-        resume = (chains["z"][slot], chains["visits"][slot] > 0, chains["curvature"][slot])
+        seen, curv = chains["visits"][slot] > 0, chains["curvature"][slot]
+        if fill is not None:
+          seen, curv = seen & fill, jnp.where(fill[:, None], curv, 0.0)
+        resume = (chains["z"][slot], seen, curv)
     beta = stage.beta or schedules.beta_at(self.config.bottleneck, state.step)
     lat = self.latents(state.params, x, k_lat, beta=beta, stage=stage, resume=resume)
     zk = lat["zK"]
     chain_metrics = {}
     if chains is not None:
       if stage.fills_chains:
-        curv = chains["curvature"]
+        curv, z_new, visits_new = chains["curvature"], zk, 1
         if stage.continue_chains:  # a running mean of (∇log π)²: the `diagonal` rule's
-          curv = curv.at[slot].set(running_curvature(curv[slot], lat["info"].grad_sq,
-                                                     self.config.em.curvature_decay))
-        keep = jnp.ones(zk.shape[:1], bool) if fill is None else fill
-        chains = {"z": chains["z"].at[slot].set(jnp.where(keep[:, None], zk, chains["z"][slot])),
-                  "visits": chains["visits"].at[slot].add(keep.astype(jnp.int32)),
-                  "curvature": curv}
+          curv_new = running_curvature(resume[2], lat["info"].grad_sq,
+                                       self.config.em.curvature_decay)
+          if fill is not None:
+            curv_new = jnp.where(fill[:, None], curv_new, curv[slot])
+          curv = curv.at[slot].set(curv_new)
+        if fill is not None:  # a trace-time branch: without a mask, the plain writes
+          z_new = jnp.where(fill[:, None], zk, chains["z"][slot])
+          visits_new = fill.astype(jnp.int32)
+        chains = {"z": chains["z"].at[slot].set(z_new),
+                  "visits": chains["visits"].at[slot].add(visits_new), "curvature": curv}
         state = state.replace(opt_state={**state.opt_state, "chains": chains})
       chain_metrics["chain_visits"] = jnp.mean(chains["visits"][slot].astype(jnp.float32))
 
@@ -324,7 +333,17 @@ class DiffusionEncoder(encoders.DiffusionCodeMethod):
       raise ValueError("em.chain_slots > 0: train_round needs the examples' index (E, B)")
 
     def em(state):
-      return self.em_round(state, xs, key, index=index)
+      shift = self.config.em.get("em_shift", 0)
+      if not shift:
+        return self.em_round(state, xs, key, index=index)
+      # em.em_shift: a fraction of the EM round's images shifted; only the unmoved ones'
+      # persistent chains continue and keep z^K
+      k_shift, k_pick, k_round = jax.random.split(key, 3)
+      moved_xs, offset = data.random_shift(k_shift, xs, shift, return_offsets=True)
+      moved = (offset != shift * (2 * shift + 1) + shift) & jax.random.bernoulli(
+          k_pick, self.config.em.get("em_shift_fraction", 1.0), offset.shape)
+      xs_e = jnp.where(moved[..., None, None, None], moved_xs, xs)
+      return self.em_round(state, xs_e, k_round, index=index, fill=~moved)
 
     def gaussian_warmup(state):
       shift, xs_w, k_round, fill = self.config.em.get("warm_shift", 0), xs, key, None

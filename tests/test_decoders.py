@@ -327,6 +327,57 @@ def test_shifted_warmup_fills_chains_from_its_unshifted_visits():
     methods.validate(bad)
 
 
+def test_em_shift_continues_only_the_unmoved_examples_chains():
+  """em.em_shift: an EM round moves a fraction of its images (data.random_shift, the round's key
+  split in three); a moved example is a chain's first visit that is not kept (its chain starts
+  at z⁰ with an unknown curvature, its slot left as it was), an unmoved one continues its slot:
+  the round equals the plain EM round on the same images with the moved examples' slots
+  unvisited, apart from the moved examples' slots."""
+  config = _gaussian_warmup_config()
+  config.em.chain_slots, config.em.gaussian_warmup_rounds = 64, 0
+  config.em.langevin.step_rule = "diagonal"
+  plain = methods.get_method(copy.deepcopy(config), (28, 28, 1))
+  config.em.em_shift, config.em.em_shift_fraction = 1, 0.5
+  m = methods.get_method(config, (28, 28, 1))
+  state = jax.jit(m.init_state)(jax.random.key(0))
+  index = jnp.arange(32)[None] * 2
+  filled = {"z": jax.random.normal(jax.random.key(3), (64, config.model.latent_dim)),
+            "visits": jnp.full((64,), 3, jnp.int32), "curvature": jnp.full((64, 1), 2.0)}
+  filled["curvature"] = jnp.broadcast_to(filled["curvature"], filled["z"].shape)
+  state = state.replace(opt_state={**state.opt_state, "chains": filled})
+  xs = jax.random.uniform(jax.random.key(1), (1, 32, 28, 28, 1), minval=-1, maxval=1)
+  key = jax.random.key(2)
+  out, metrics = jax.jit(m.train_round)(state, xs, key, index)
+  k_shift, k_pick, k_round = jax.random.split(key, 3)
+  moved_xs, offset = data.random_shift(k_shift, xs, 1, return_offsets=True)
+  moved = (offset != 4) & jax.random.bernoulli(k_pick, 0.5, offset.shape)
+  n_moved = int(moved.sum())
+  assert 0 < n_moved < 32  # both kinds occur, so the checks below can fail
+  xs_e = jnp.where(moved[..., None, None, None], moved_xs, xs)
+  slots = np.asarray(index[0])
+  unvisited = {**filled, "visits": filled["visits"].at[slots].set(
+                   jnp.where(moved[0], 0, filled["visits"][slots])),
+               "curvature": filled["curvature"].at[slots].set(
+                   jnp.where(moved[0][:, None], 0.0, filled["curvature"][slots]))}
+  ref, ref_metrics = jax.jit(plain.train_round)(
+      state.replace(opt_state={**state.opt_state, "chains": unvisited}), xs_e, k_round, index)
+  # the round's losses and the chains' move (of the latents all examples' updates are made of;
+  # Adam's first step, ± lr per parameter, would turn float noise into sign flips)
+  for name in ("enc_loss", "gap", "move", "dec_loss_zK", "dec_loss_z0"):
+    np.testing.assert_allclose(metrics[name], ref_metrics[name], rtol=1e-5, err_msg=name)
+  got, want = out.opt_state["chains"], ref.opt_state["chains"]
+  mv, kept = slots[np.asarray(moved[0])], slots[~np.asarray(moved[0])]
+  for name in ("z", "curvature"):  # unmoved: continued as the plain round; moved: untouched
+    np.testing.assert_allclose(got[name][kept], want[name][kept], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(got[name][mv], filled[name][mv])
+    assert float(jnp.abs(want[name][mv] - filled[name][mv]).max()) > 1e-4
+  np.testing.assert_array_equal(got["visits"][kept], 4)
+  np.testing.assert_array_equal(got["visits"][mv], 3)
+  # the moved examples did not start at their slots: the round differs from one that did
+  _, cont = jax.jit(plain.train_round)(state, xs_e, k_round, index)
+  assert abs(float(cont["gap"]) - float(metrics["gap"])) > 1e-3 * float(metrics["gap"])
+
+
 def test_encoder_rate_scaled_once_em_starts():
   """em.em_enc_lr_scale: Adam's first updates have size ≈ lr; from the round the gaussian
   warm-up ends (× updates per round) on they are scale × that, and not before."""

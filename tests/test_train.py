@@ -45,6 +45,8 @@ def tiny_config(**overrides):
     ({"data.name": "toy2d", "data.augment_shift": 0, "em.encoder_shift": 1},
      "em.encoder_shift needs image data"),
     ({"method": "vae", "em.encoder_shift": 1}, "needs method='diffenc'"),
+    ({"em.em_shift": -1}, "em.em_shift must be >= 0"),
+    ({"em.em_shift": 1, "em.em_shift_fraction": 0.0}, "em_shift_fraction must be in"),
     ({"train.weight_decay": -0.1}, "weight_decay must be >= 0"),
     ({"train.lr_schedule": "step"}, "unknown train.lr_schedule 'step'"),
     ({"train.final_lr": 2.0}, "final_lr must be in [0, 1]"),
@@ -96,6 +98,7 @@ def test_bad_config_touches_nothing(tmp_path):
     ({"train.batch_size": 100_000}, "train.batch_size=100000 exceeds the 4500 training examples"),
     ({"data.augment_shift": 100}, "data.augment_shift=100 must be below half the image size"),
     ({"em.encoder_shift": 14}, "em.encoder_shift=14 must be below half the image size"),
+    ({"em.em_shift": 14}, "em.em_shift=14 must be below half the image size"),
     ({"train.mode": "eval"}, "no trained run in"),  # eval of a workdir that does not exist
     ({"model.decoder": "diffusion", "model.denoiser": "dit", "model.dit_patch_size": 5,
       "em.langevin.step_rule": "snr", "em.langevin.mala": False},
