@@ -163,10 +163,12 @@ def get_config() -> ml_collections.ConfigDict:
   # the gaussian warm-up's own β (0: bottleneck.beta's schedule) and shift augmentation of its
   # rounds (0: none); with shifts the warm-up leaves the persistent chains' slots empty, so
   # that EM's first visit of an example starts at z⁰ rather than at a shifted copy's code, or
-  # (warm_fill_unshifted) fills them from its unshifted visits only
+  # (warm_fill_unshifted) fills them from its unshifted visits only; warm_shift_decay moves
+  # each image with a probability that falls linearly from 1 at round 0 to 0 at the warm-up's end
   em.warm_beta = 0.0
   em.warm_shift = 0
   em.warm_fill_unshifted = False
+  em.warm_shift_decay = False
   # persistent chains: > 0 keeps each training example's last z^K (this many slots, at least the
   # train split's size × (2 data.augment_shift + 1)², one per shifted copy) and continues its
   # chain there at the next visit, outside any warm-up

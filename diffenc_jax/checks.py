@@ -66,16 +66,13 @@ def validate_config(config, num_devices: int | None = None) -> None:
         f"data.augment_shift must be >= 0, got {config.data.augment_shift}")
   check(config.data.augment_shift == 0 or config.data.name != "toy2d",
         "data.augment_shift needs image data")
-  encoder_shift = config.em.get("encoder_shift", 0)
-  check(encoder_shift >= 0, f"em.encoder_shift must be >= 0, got {encoder_shift}")
-  check(encoder_shift == 0 or config.data.name != "toy2d", "em.encoder_shift needs image data")
-  check(encoder_shift == 0 or config.method == "diffenc",
-        "em.encoder_shift (the E-step's encoder update) needs method='diffenc'")
-  em_shift, fraction = config.em.get("em_shift", 0), config.em.get("em_shift_fraction", 1.0)
-  check(em_shift >= 0, f"em.em_shift must be >= 0, got {em_shift}")
-  check(em_shift == 0 or config.data.name != "toy2d", "em.em_shift needs image data")
-  check(em_shift == 0 or config.method == "diffenc",
-        "em.em_shift (the EM rounds' shifts) needs method='diffenc'")
+  for name, what in (("encoder_shift", "the E-step's encoder update"),
+                     ("em_shift", "the EM rounds' shifts")):
+    shift = config.em.get(name, 0)
+    check(shift >= 0, f"em.{name} must be >= 0, got {shift}")
+    check(shift == 0 or config.data.name != "toy2d", f"em.{name} needs image data")
+    check(shift == 0 or config.method == "diffenc", f"em.{name} ({what}) needs method='diffenc'")
+  fraction = config.em.get("em_shift_fraction", 1.0)
   check(0 < fraction <= 1, f"em.em_shift_fraction must be in (0, 1], got {fraction}")
   check(config.train.lr_schedule in LR_SCHEDULES,
         f"unknown train.lr_schedule {config.train.lr_schedule!r}; choose one of {LR_SCHEDULES}")

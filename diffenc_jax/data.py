@@ -262,3 +262,8 @@ def random_shift(key: jax.Array, images: jax.Array, max_shift: int,
   if return_offsets:
     return shifted, (offsets[:, 0] * (2 * s + 1) + offsets[:, 1]).reshape(lead)
   return shifted
+
+
+def unshifted_offset(max_shift: int) -> int:
+  """The offset `random_shift(..., return_offsets=True)` gives an unmoved image, (dy, dx) = 0."""
+  return max_shift * (2 * max_shift + 1) + max_shift

@@ -340,7 +340,7 @@ class DiffusionEncoder(encoders.DiffusionCodeMethod):
       # persistent chains continue and keep z^K
       k_shift, k_pick, k_round = jax.random.split(key, 3)
       moved_xs, offset = data.random_shift(k_shift, xs, shift, return_offsets=True)
-      moved = (offset != shift * (2 * shift + 1) + shift) & jax.random.bernoulli(
+      moved = (offset != data.unshifted_offset(shift)) & jax.random.bernoulli(
           k_pick, self.config.em.get("em_shift_fraction", 1.0), offset.shape)
       xs_e = jnp.where(moved[..., None, None, None], moved_xs, xs)
       return self.em_round(state, xs_e, k_round, index=index, fill=~moved)
@@ -350,8 +350,16 @@ class DiffusionEncoder(encoders.DiffusionCodeMethod):
       if shift:  # em.warm_shift: the warm-up's rounds on shifted images
         k_shift, k_round = jax.random.split(key)
         xs_w, offset = data.random_shift(k_shift, xs, shift, return_offsets=True)
+        unmoved = offset == data.unshifted_offset(shift)
+        if self.config.em.get("warm_shift_decay", False):
+          # each image moved with probability 1 − step / warm-up rounds: none by its end
+          rounds = self.config.em.gaussian_warmup_rounds
+          keep = jax.random.bernoulli(jax.random.fold_in(k_shift, 1),
+                                      jnp.minimum(state.step / rounds, 1.0), offset.shape)
+          xs_w = jnp.where(keep[..., None, None, None], xs, xs_w)
+          unmoved = unmoved | keep
         if self.config.em.get("warm_fill_unshifted", False):  # the chains keep unshifted z^K
-          fill = offset == shift * (2 * shift + 1) + shift
+          fill = unmoved
       return self.em_round(state, xs_w, k_round, "gaussian_warmup", index=index, fill=fill)
 
     def joint_warmup(state):

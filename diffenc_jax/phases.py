@@ -47,9 +47,10 @@ def stages(config, gaussian_warmup: bool) -> dict[str, Stage]:
   auxiliary gaussian decoder does not continue the persistent chains; it leaves its z^K in
   them unless its images are shifted (em.warm_shift: a shifted image's code is no start for
   the unshifted image's chain, and EM's first visit then starts at z⁰), or only its unshifted
-  visits' z^K (em.warm_fill_unshifted, one visit in (2 em.warm_shift + 1)²); its M-step gives the
-  diffusion decoder no z⁰ term (z⁰ is close to z^K there, and each term costs a pass of the
-  denoiser)."""
+  visits' z^K (em.warm_fill_unshifted, one visit in (2 em.warm_shift + 1)², or more with
+  em.warm_shift_decay, whose share of unmoved images rises to all by the warm-up's end); its
+  M-step gives the diffusion decoder no z⁰ term (z⁰ is close to z^K there, and each term costs a
+  pass of the denoiser)."""
   em_ = config.em
   out = {"em": Stage("em", "decoder", em_.langevin, 0.0, True, True, em_.align_weight)}
   if gaussian_warmup:
@@ -85,6 +86,8 @@ def validate(config) -> None:
   require(not em_.get("warm_fill_unshifted", False) or warm_shift,
           "em.warm_fill_unshifted keeps the shifted warm-up's unshifted visits: needs "
           "em.warm_shift > 0")
+  require(not em_.get("warm_shift_decay", False) or warm_shift,
+          "em.warm_shift_decay lowers the warm-up's shifts to none: needs em.warm_shift > 0")
   require(not ((warm_beta or warm_shift) and not em_.gaussian_warmup_rounds),
           "em.warm_beta and em.warm_shift are the gaussian warm-up's: they need "
           "em.gaussian_warmup_rounds > 0")

@@ -327,6 +327,52 @@ def test_shifted_warmup_fills_chains_from_its_unshifted_visits():
     methods.validate(bad)
 
 
+def test_warm_shift_decay_moves_fewer_images_as_the_warmup_ends():
+  """em.warm_shift_decay: the warm-up's round at step t moves each image with probability
+  1 − t / rounds (a draw from the shift's key folded with 1). At round 0 it is the shifted
+  warm-up's round, bitwise; at the warm-up's end the unshifted one's (every chain filled); in
+  between, the chains keep the z^K of exactly the unmoved images, more than the shifts' own."""
+  config = _gaussian_warmup_config()
+  config.em.chain_slots, config.em.gaussian_warmup_rounds = 64, 4
+  plain = methods.get_method(copy.deepcopy(config), (28, 28, 1))
+  config.em.warm_shift, config.em.warm_fill_unshifted = 1, True
+  shifted = methods.get_method(copy.deepcopy(config), (28, 28, 1))
+  config.em.warm_shift_decay = True
+  m = methods.get_method(config, (28, 28, 1))
+  state = jax.jit(m.init_state)(jax.random.key(0))
+  xs = jax.random.uniform(jax.random.key(1), (1, 32, 28, 28, 1), minval=-1, maxval=1)
+  key, index = jax.random.key(2), jnp.arange(32)[None] * 2
+  at = lambda t: state.replace(step=jnp.asarray(t, state.step.dtype))
+  run = lambda method, s, k: jax.jit(method.train_round, static_argnames="phase")(
+      s, xs, k, index, phase="gaussian_warmup")
+  out, _ = run(m, at(0), key)
+  ref, _ = run(shifted, at(0), key)
+  for a, b in zip(jax.tree.leaves((out.params, out.opt_state)),
+                  jax.tree.leaves((ref.params, ref.opt_state))):
+    np.testing.assert_array_equal(a, b)
+  k_shift, k_round = jax.random.split(key)
+  out, metrics = run(m, at(4), key)
+  ref, ref_metrics = run(plain, at(4), k_round)
+  for name in ("gap", "move", "dec_loss_zK", "warm_dec_loss"):
+    np.testing.assert_allclose(metrics[name], ref_metrics[name], rtol=1e-5, err_msg=name)
+  np.testing.assert_array_equal(out.opt_state["chains"]["visits"],
+                                ref.opt_state["chains"]["visits"])
+  np.testing.assert_allclose(out.opt_state["chains"]["z"], ref.opt_state["chains"]["z"],
+                             rtol=1e-5, atol=1e-6)
+  out, _ = run(m, at(2), key)
+  _, offset = data.random_shift(k_shift, xs, 1, return_offsets=True)
+  keep = jax.random.bernoulli(jax.random.fold_in(k_shift, 1), 0.5, offset.shape)
+  unmoved = np.asarray((offset == data.unshifted_offset(1)) | keep)[0]
+  assert np.asarray(offset[0] == 4).sum() < unmoved.sum() < 32  # the check below can fail
+  expected = np.zeros(64, int)
+  expected[np.asarray(index[0])[unmoved]] = 1
+  np.testing.assert_array_equal(out.opt_state["chains"]["visits"], expected)
+  bad = copy.deepcopy(config)
+  bad.em.warm_shift, bad.em.warm_fill_unshifted = 0, False
+  with pytest.raises(ValueError, match="em.warm_shift_decay .* needs em.warm_shift > 0"):
+    methods.validate(bad)
+
+
 def test_em_shift_continues_only_the_unmoved_examples_chains():
   """em.em_shift: an EM round moves a fraction of its images (data.random_shift, the round's key
   split in three); a moved example is a chain's first visit that is not kept (its chain starts
@@ -342,8 +388,8 @@ def test_em_shift_continues_only_the_unmoved_examples_chains():
   state = jax.jit(m.init_state)(jax.random.key(0))
   index = jnp.arange(32)[None] * 2
   filled = {"z": jax.random.normal(jax.random.key(3), (64, config.model.latent_dim)),
-            "visits": jnp.full((64,), 3, jnp.int32), "curvature": jnp.full((64, 1), 2.0)}
-  filled["curvature"] = jnp.broadcast_to(filled["curvature"], filled["z"].shape)
+            "visits": jnp.full((64,), 3, jnp.int32),
+            "curvature": jnp.full((64, config.model.latent_dim), 2.0)}
   state = state.replace(opt_state={**state.opt_state, "chains": filled})
   xs = jax.random.uniform(jax.random.key(1), (1, 32, 28, 28, 1), minval=-1, maxval=1)
   key = jax.random.key(2)
