@@ -3,10 +3,13 @@ z-conditioned diffusion decoder (the transformer denoiser of configs/mnist_diffa
 
 Rounds 0–1,499 (a quarter) are a gaussian warm-up (em.gaussian_warmup_rounds): EM against an
 auxiliary gaussian decoder whose z^K the diffusion decoder learns to use meanwhile (from a
-diffusion decoder that ignores z, EM stays there). Rounds 1,500–5,999 are EM against the
-diffusion decoder with the encoder at its full rate. Its E-step keeps a persistent chain per
-training example (em.chain_slots; no shift augmentation), filled by the warm-up, continued at
-every visit by 2 steps of stochastic-gradient Langevin (one fresh ELBO draw at every step, λ drawn
+diffusion decoder that ignores z, EM stays there). Its images are moved by up to a pixel with a
+probability that falls from 1 to 0 over the warm-up (em.warm_shift, em.warm_shift_decay): the
+early shifts make the codes linear in the digit's class, the late unshifted rounds train the
+decoders on the images EM sees. Rounds 1,500–5,999 are EM against the diffusion decoder with
+the encoder at its full rate. Its E-step keeps a persistent chain per training example
+(em.chain_slots; no shift augmentation in EM), filled by the warm-up's unmoved visits
+(em.warm_fill_unshifted), continued at every visit by 2 steps of stochastic-gradient Langevin (one fresh ELBO draw at every step, λ drawn
 where the energy's gradient lives) preconditioned by a running diagonal curvature estimate; the
 encoder learns the chains' states. β = 0.25 throughout. docs/recipes.md has what was measured.
 """
@@ -24,9 +27,12 @@ def get_config():
   # codes towards the prior and loses what they carry (docs/recipes.md)
   config.bottleneck.beta = 0.25
   config.em.gaussian_warmup_rounds = 1500
+  config.em.warm_shift = 1
+  config.em.warm_shift_decay = True
+  config.em.warm_fill_unshifted = True
   config.em.m_updates = 1
-  # one persistent chain per training example, continued at every visit: no shifted copies,
-  # which would multiply the slots and the rounds between two visits of one chain by 9
+  # one persistent chain per training example, continued at every visit: no shifted copies in
+  # EM, which would multiply the slots and the rounds between two visits of one chain by 9
   config.data.augment_shift = 0
   config.em.chain_slots = 4500
   config.em.langevin.num_steps = 2
