@@ -9,9 +9,9 @@ early shifts make the codes linear in the digit's class, the late unshifted roun
 decoders on the images EM sees. Rounds 1,500–5,999 are EM against the diffusion decoder with
 the encoder at its full rate. Its E-step keeps a persistent chain per training example
 (em.chain_slots; no shift augmentation in EM), filled by the warm-up's unmoved visits
-(em.warm_fill_unshifted), continued at every visit by 2 steps of stochastic-gradient Langevin (one fresh ELBO draw at every step, λ drawn
-where the energy's gradient lives) preconditioned by a running diagonal curvature estimate; the
-encoder learns the chains' states. β = 0.25 throughout. docs/recipes.md has what was measured.
+(em.warm_fill_unshifted), continued at every visit by 2 steps of stochastic-gradient Langevin
+(one fresh ELBO draw at every step, λ drawn where the energy's gradient lives) preconditioned by
+a running diagonal curvature estimate; the encoder learns the chains' states. β = 0.25 throughout. docs/recipes.md has what was measured.
 """
 
 from configs import default
