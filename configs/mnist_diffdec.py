@@ -11,7 +11,8 @@ the encoder at its full rate. Its E-step keeps a persistent chain per training e
 (em.chain_slots; no shift augmentation in EM), filled by the warm-up's unmoved visits
 (em.warm_fill_unshifted), continued at every visit by 2 steps of stochastic-gradient Langevin
 (one fresh ELBO draw at every step, λ drawn where the energy's gradient lives) preconditioned by
-a running diagonal curvature estimate; the encoder learns the chains' states. β = 0.25 throughout. docs/recipes.md has what was measured.
+a running diagonal curvature estimate; the encoder learns the chains' states. β = 0.25
+throughout. docs/recipes.md has what was measured.
 """
 
 from configs import default
