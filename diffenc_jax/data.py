@@ -264,6 +264,20 @@ def random_shift(key: jax.Array, images: jax.Array, max_shift: int,
   return shifted
 
 
+def random_shift_where(key: jax.Array, images: jax.Array, max_shift: int,
+                       pick: jax.Array | None = None):
+  """`random_shift` applied only where pick (shaped like the leading axes; None: all) holds.
+
+  Returns (images, moved): moved marks the images that changed, picked and drawn a nonzero
+  shift. The shifts are `random_shift`'s from key, so with pick=None the images are its own.
+  """
+  shifted, offset = random_shift(key, images, max_shift, return_offsets=True)
+  moved = offset != unshifted_offset(max_shift)
+  if pick is not None:
+    moved = moved & pick
+  return jnp.where(moved[..., None, None, None], shifted, images), moved
+
+
 def unshifted_offset(max_shift: int) -> int:
   """The offset `random_shift(..., return_offsets=True)` gives an unmoved image, (dy, dx) = 0."""
   return max_shift * (2 * max_shift + 1) + max_shift

@@ -339,27 +339,24 @@ class DiffusionEncoder(encoders.DiffusionCodeMethod):
       # em.em_shift: a fraction of the EM round's images shifted; only the unmoved ones'
       # persistent chains continue and keep z^K
       k_shift, k_pick, k_round = jax.random.split(key, 3)
-      moved_xs, offset = data.random_shift(k_shift, xs, shift, return_offsets=True)
-      moved = (offset != data.unshifted_offset(shift)) & jax.random.bernoulli(
-          k_pick, self.config.em.get("em_shift_fraction", 1.0), offset.shape)
-      xs_e = jnp.where(moved[..., None, None, None], moved_xs, xs)
+      pick = jax.random.bernoulli(k_pick, self.config.em.get("em_shift_fraction", 1.0),
+                                  xs.shape[:-3])
+      xs_e, moved = data.random_shift_where(k_shift, xs, shift, pick)
       return self.em_round(state, xs_e, k_round, index=index, fill=~moved)
 
     def gaussian_warmup(state):
       shift, xs_w, k_round, fill = self.config.em.get("warm_shift", 0), xs, key, None
       if shift:  # em.warm_shift: the warm-up's rounds on shifted images
         k_shift, k_round = jax.random.split(key)
-        xs_w, offset = data.random_shift(k_shift, xs, shift, return_offsets=True)
-        unmoved = offset == data.unshifted_offset(shift)
+        pick = None
         if self.config.em.get("warm_shift_decay", False):
           # each image moved with probability 1 − step / warm-up rounds: none by its end
           rounds = self.config.em.gaussian_warmup_rounds
-          keep = jax.random.bernoulli(jax.random.fold_in(k_shift, 1),
-                                      jnp.minimum(state.step / rounds, 1.0), offset.shape)
-          xs_w = jnp.where(keep[..., None, None, None], xs, xs_w)
-          unmoved = unmoved | keep
+          pick = ~jax.random.bernoulli(jax.random.fold_in(k_shift, 1),
+                                       jnp.minimum(state.step / rounds, 1.0), xs.shape[:-3])
+        xs_w, moved = data.random_shift_where(k_shift, xs, shift, pick)
         if self.config.em.get("warm_fill_unshifted", False):  # the chains keep unshifted z^K
-          fill = unmoved
+          fill = ~moved
       return self.em_round(state, xs_w, k_round, "gaussian_warmup", index=index, fill=fill)
 
     def joint_warmup(state):

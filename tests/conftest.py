@@ -1,9 +1,20 @@
-"""Shared test set-up: a persistent compilation cache, so that the many identical programs the
-training tests compile (one Trainer per run) are compiled once per session."""
+"""Shared test set-up: XLA:CPU's backend at its lowest optimisation level and a persistent
+compilation cache. The tests compile many small programs and run each a few times, so LLVM's
+optimisation passes, not the running, set their time (about a third of it at the default
+level); the cache compiles the many identical programs of the training tests (one Trainer per
+run) once per session. Neither changes what a program computes beyond float rounding, and the
+tests that spawn processes pass FAST_COMPILE on with their own XLA_FLAGS."""
 
+import os
 import tempfile
 
-import jax
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+# for `jax.jit(..., compiler_options=RUN_OPTIMISED)`: a program that runs long enough for the
+# optimised code to repay its compilation (a long chain), compiled at XLA's usual level
+RUN_OPTIMISED = {"xla_backend_optimization_level": 2}
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
+
+import jax  # noqa: E402  (after XLA_FLAGS: the backend reads it when it starts)
 
 jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="diffenc_jax_cache_"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)

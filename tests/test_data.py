@@ -241,6 +241,17 @@ def test_random_shift_translates_each_image_with_edge_padding():
     assert np.array_equal(candidates[(dy, dx)][i], got)
   same, zero = data.random_shift(jax.random.key(0), images, 0, return_offsets=True)
   assert same is images and zero.shape == (2, n // 2) and not np.any(zero)
+  assert data.unshifted_offset(s) == s * (2 * s + 1) + s  # (dy, dx) = (0, 0)
+  # random_shift_where: the same shifts where picked, the input elsewhere; `moved` marks the
+  # picked images whose shift is not (0, 0)
+  pick = np.arange(n).reshape(2, n // 2) % 3 == 0
+  where, moved = data.random_shift_where(jax.random.key(0), images, s, pick)
+  np.testing.assert_array_equal(moved, pick & (np.asarray(offsets) != data.unshifted_offset(s)))
+  np.testing.assert_array_equal(np.asarray(where), np.where(pick[..., None, None, None], out,
+                                                            images))
+  assert 0 < int(moved.sum()) < n // 2  # moved and unmoved images both occur
+  _, moved_all = data.random_shift_where(jax.random.key(0), images, s)
+  np.testing.assert_array_equal(moved_all, np.asarray(offsets) != data.unshifted_offset(s))
 
 
 def _idx_dir(path: pathlib.Path, damage: str) -> pathlib.Path:

@@ -313,7 +313,7 @@ def test_shifted_warmup_fills_chains_from_its_unshifted_visits():
   for a, b in zip(jax.tree.leaves(out.params), jax.tree.leaves(ref.params)):
     np.testing.assert_array_equal(a, b)
   _, offset = data.random_shift(jax.random.split(key)[0], xs, 1, return_offsets=True)
-  unshifted = np.asarray(offset[0] == 4)
+  unshifted = np.asarray(offset[0] == data.unshifted_offset(1))
   assert 0 < unshifted.sum() < 32  # both kinds of visit occur, so the check below can fail
   visits = np.asarray(out.opt_state["chains"]["visits"])
   expected = np.zeros(64, int)
@@ -362,8 +362,9 @@ def test_warm_shift_decay_moves_fewer_images_as_the_warmup_ends():
   out, _ = run(m, at(2), key)
   _, offset = data.random_shift(k_shift, xs, 1, return_offsets=True)
   keep = jax.random.bernoulli(jax.random.fold_in(k_shift, 1), 0.5, offset.shape)
-  unmoved = np.asarray((offset == data.unshifted_offset(1)) | keep)[0]
-  assert np.asarray(offset[0] == 4).sum() < unmoved.sum() < 32  # the check below can fail
+  centre = offset == data.unshifted_offset(1)
+  unmoved = np.asarray(centre | keep)[0]
+  assert np.asarray(centre[0]).sum() < unmoved.sum() < 32  # the check below can fail
   expected = np.zeros(64, int)
   expected[np.asarray(index[0])[unmoved]] = 1
   np.testing.assert_array_equal(out.opt_state["chains"]["visits"], expected)
@@ -396,7 +397,8 @@ def test_em_shift_continues_only_the_unmoved_examples_chains():
   out, metrics = jax.jit(m.train_round)(state, xs, key, index)
   k_shift, k_pick, k_round = jax.random.split(key, 3)
   moved_xs, offset = data.random_shift(k_shift, xs, 1, return_offsets=True)
-  moved = (offset != 4) & jax.random.bernoulli(k_pick, 0.5, offset.shape)
+  moved = ((offset != data.unshifted_offset(1))
+           & jax.random.bernoulli(k_pick, 0.5, offset.shape))
   n_moved = int(moved.sum())
   assert 0 < n_moved < 32  # both kinds occur, so the checks below can fail
   xs_e = jnp.where(moved[..., None, None, None], moved_xs, xs)

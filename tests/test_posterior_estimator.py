@@ -29,6 +29,7 @@ import numpy as np
 import pytest
 
 from diffenc_jax import chain, posterior, posterior_check, samplers, schedules
+from tests.conftest import RUN_OPTIMISED
 from tests.test_samplers import assert_moments
 
 SCHED = schedules.CosineSchedule(logsnr_min=-15.0, logsnr_max=15.0)  # the image schedule's
@@ -362,7 +363,7 @@ def test_recipe_chain_samples_tempered_posterior_within_its_step_bias():
   xs = jnp.tile(X, (N_CHAINS, 1))
   z0 = jax.random.normal(key(10), (N_CHAINS, LATENT))
 
-  @jax.jit
+  @functools.partial(jax.jit, compiler_options=RUN_OPTIMISED)  # 1,000 steps: running dominates
   def visits(k):
     def log_density(z, kk):
       nll = posterior.diffusion_nll_fn(exact_eps, xs, kk, SCHED, num_samples=draws,

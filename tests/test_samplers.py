@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from diffenc_jax import samplers, schedules
+from tests.conftest import FAST_COMPILE
 from tests.test_losses import gaussian_eps
 
 SCHED = schedules.CosineSchedule()
@@ -237,7 +238,7 @@ def test_gauss_newton_chain_runs_on_as_many_cpu_devices_as_cores(tmp_path):
   for n in (1, 2):
     out = str(tmp_path / f"z{n}.npy")
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"}
+           "XLA_FLAGS": f"{FAST_COMPILE} --xla_force_host_platform_device_count={n}"}
     # two cores, so two XLA threads, whatever the host: as many devices as cores hung
     cores = sorted(os.sched_getaffinity(0))[:2]
     subprocess.run([sys.executable, "-c", f"OUT = {out!r}\n" + _TWO_DEVICE_CHAIN], env=env,

@@ -16,6 +16,7 @@ import pytest
 
 from configs import tiny
 from diffenc_jax import checks, data, methods, runs, train
+from tests.conftest import FAST_COMPILE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -233,7 +234,7 @@ def test_one_and_four_devices_agree(tmp_path):
   results = []
   for n in (1, 4):
     out = str(tmp_path / f"params{n}.npz")
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}",
+    env = {**os.environ, "XLA_FLAGS": f"{FAST_COMPILE} --xla_force_host_platform_device_count={n}",
            "JAX_PLATFORMS": "cpu"}
     script = _DEVICE_SCRIPT.format(root=ROOT, workdir=str(tmp_path / f"w{n}"), out=out)
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
@@ -550,7 +551,7 @@ def test_two_processes_match_one(tmp_path):
     port = s.getsockname()[1]
   workdir, out = str(tmp_path / "run"), str(tmp_path / "params")
   script = _PROCESS_SCRIPT.format(root=ROOT, workdir=workdir, out=out)
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "",
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": FAST_COMPILE,
          "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2"}
   procs = [subprocess.Popen([sys.executable, "-c", script], env={**env, "JAX_PROCESS_ID": str(i)},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
